@@ -373,3 +373,40 @@ def _read_hf_weights(folder: str) -> dict:
     if os.path.isfile(bin_path):
         return torch.load(bin_path, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (truncated, foreign, or for another model)."""
+
+
+def read_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint dict written by this script, or raise CheckpointError naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, random bytes, a pickle of something else...
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}); it may be truncated by a crash "
+            f"during saving: use an earlier checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')}, this script reads {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def load_model_from_checkpoint(path: str, device="cpu") -> GPT:
+    """The trained model of a checkpoint (for evaluation, sampling, the notebook), in eval mode."""
+    ckpt = read_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
