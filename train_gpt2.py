@@ -165,13 +165,14 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {past + T} tokens is longer than the model's block_size "
-                f"{self.config.block_size}: crop the input to the last {self.config.block_size} tokens"
-            )
         if pos is None:
+            if past + T > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {past + T} tokens is longer than the model's block_size "
+                    f"{self.config.block_size}: crop the input to the last {self.config.block_size} tokens"
+                )
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        # with explicit position ids (packed rows), the position table bounds the positions, not T
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, attn_mask=attn_mask, kv_cache=kv_cache)
