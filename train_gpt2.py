@@ -2,15 +2,25 @@
 train_gpt2.py: GPT-2 (124M) from scratch, in one file you can read top to bottom.
 
 Sections, in reading order: model, data, learning-rate schedule, evaluation, checkpoints,
-setup, command line, training loop.
+setup, command line, training.
 """
+import argparse
 import math
 import os
-from dataclasses import dataclass
+import random
+import re
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------------------------
 # Model
@@ -377,6 +387,240 @@ def _read_hf_weights(folder: str) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
+# Data
+
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and the fix."""
+
+
+def find_shards(data_dir: str, split: str) -> list[str]:
+    """Shard files `<prefix>_<split>_<NNNNNN>.npy` of a split, in index order."""
+    if not os.path.isdir(data_dir):
+        raise DataError(
+            f"{data_dir}: no such data directory: run `python fineweb.py` to build FineWeb-Edu shards, "
+            f"or train on a text file with `--preset shakespeare` / `--input FILE`"
+        )
+    found = []
+    for name in os.listdir(data_dir):
+        m = SHARD_NAME.match(name)
+        if m and m["split"] == split:
+            found.append((int(m["index"]), name))
+    if not found:
+        raise DataError(
+            f"{data_dir}: no {split} shards (*_{split}_NNNNNN.npy): run `python fineweb.py` to build them, "
+            f"or train on a text file with `--preset shakespeare` / `--input FILE`"
+        )
+    return [os.path.join(data_dir, name) for _, name in sorted(found)]
+
+
+def open_shard(path: str, seq_len: int) -> np.ndarray:
+    """Memory-map a shard and check it: 1-D uint16, at least one sequence, token ids < 50257."""
+    fix = "rebuild it with `python fineweb.py` (or delete it)"
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except Exception as e:  # truncated file, bad header, not a .npy at all
+        raise DataError(f"{path}: unreadable shard ({e}); {fix}") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise DataError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, expected 1-D uint16; {fix}")
+    if len(tokens) < seq_len + 1:
+        raise DataError(f"{path}: shard has {len(tokens)} tokens, fewer than one sequence of T+1 = {seq_len + 1}; {fix}")
+    # a sample of the ids (the start, and one strided pass) must be GPT-2 tokens
+    sample = np.concatenate([tokens[: 1 << 16], tokens[:: max(1, len(tokens) // (1 << 16))]])
+    if int(sample.max()) >= GPT2_VOCAB_SIZE:
+        raise DataError(f"{path}: token id {int(sample.max())} >= {GPT2_VOCAB_SIZE}: not GPT-2 tokens; {fix}")
+    return tokens
+
+
+class DataLoader:
+    """Batches of sequences (x, y = the same tokens shifted by one) from token arrays.
+
+    Every array (a shard, or a split of a text file) is cut into sequences of T + 1 tokens with
+    stride T (the < T tokens at an array's end are left out). Sequences are numbered globally:
+    sequence g belongs to epoch g // sequences_per_epoch. With `shuffle`, each epoch visits the
+    arrays in a fresh random order and each array's sequences in a fresh random order, both drawn
+    from (seed, epoch), so the loss curve has no periodic wave. Optimizer step s uses sequences
+    [s * N, (s + 1) * N), N = sequences per optimizer step; rank r's micro-step m takes the B of
+    them starting at (m * world_size + r) * B. So the data of a step depends on the seed, T and N
+    only, never on B or the number of ranks, and `state_dict()` is one integer.
+    """
+
+    def __init__(self, arrays, names, B, T, seqs_per_step, rank=0, world_size=1, seed=0, shuffle=True):
+        if seqs_per_step % (B * world_size):
+            raise ValueError(f"{seqs_per_step} sequences per step do not split into micro-batches of {B} x {world_size} ranks")
+        self.arrays, self.names = list(arrays), list(names)
+        self.B, self.T, self.seqs_per_step = B, T, seqs_per_step
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.grad_accum_steps = seqs_per_step // (B * world_size)
+        self.counts = np.array([(len(a) - 1) // T for a in self.arrays], dtype=np.int64)
+        self.seqs_per_epoch = int(self.counts.sum())
+        self.position = 0  # sequences consumed by all ranks before the current optimizer step
+        self.micro_step = 0
+        self._epoch = None
+
+    # --- order --------------------------------------------------------------------------------
+
+    def _order(self, epoch):
+        """(array visiting order, start offset of each visited array) for an epoch, cached."""
+        if self._epoch != epoch:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.arrays))
+            else:
+                order = np.arange(len(self.arrays))
+            self._epoch, self._array_order, self._perms = epoch, order, {}
+            self._starts = np.concatenate([[0], np.cumsum(self.counts[order])])
+        return self._array_order, self._starts
+
+    def locate(self, g: int):
+        """Global sequence number -> (array index, first token) of that sequence."""
+        epoch, i = divmod(g, self.seqs_per_epoch)
+        order, starts = self._order(epoch)
+        slot = int(np.searchsorted(starts, i, side="right") - 1)
+        a = int(order[slot])
+        j = i - int(starts[slot])
+        if self.shuffle:
+            if a not in self._perms:
+                self._perms[a] = np.random.default_rng([self.seed, epoch, a + 1]).permutation(int(self.counts[a]))
+            j = int(self._perms[a][j])
+        return a, j * self.T
+
+    def batch(self, seq_numbers):
+        """Sequences by global number -> (x, y) int64 tensors of shape (len, T)."""
+        rows = []
+        for g in seq_numbers:
+            a, start = self.locate(int(g))
+            rows.append(self.arrays[a][start : start + self.T + 1])  # uint16 view of the memory map
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # only this batch becomes int64
+        return buf[:, :-1], buf[:, 1:]
+
+    # --- training -----------------------------------------------------------------------------
+
+    def next_batch(self):
+        """This rank's next micro-batch (x, y), each (B, T)."""
+        first = self.position + (self.micro_step * self.world_size + self.rank) * self.B
+        x, y = self.batch(range(first, first + self.B))
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum_steps:
+            self.micro_step = 0
+            self.position += self.seqs_per_step
+        return x, y
+
+    def state_dict(self):
+        assert self.micro_step == 0, "save the loader between optimizer steps"
+        return {"position": self.position, "seqs_per_step": self.seqs_per_step, "seq_len": self.T, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.position, self.micro_step = int(state["position"]), 0
+
+
+def load_shards(data_dir, split, T):
+    paths = find_shards(data_dir, split)
+    return [open_shard(p, T) for p in paths], paths
+
+
+def load_text(path: str, val_fraction: float = 0.1):
+    """A plain text file as one document: tokenized once; the last 10% of tokens is validation."""
+    from fineweb import EOT, gpt2_tokenizer
+
+    if not os.path.isfile(path):
+        if os.path.basename(path) != "input.txt":
+            raise DataError(f"{path}: no such file: pass --input with a plain text file")
+        download_tiny_shakespeare(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    ids = np.array([EOT] + gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    n_train = int(len(ids) * (1 - val_fraction))
+    return ids[:n_train], ids[n_train:]
+
+
+def download_tiny_shakespeare(path: str):
+    import urllib.request
+
+    tmp = path + ".download"
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(
+            f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); download "
+            f"{TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with another text file"
+        ) from None
+
+
+def check_enough(arrays, names, split, T, seqs_needed, fix):
+    have = sum((len(a) - 1) // T for a in arrays)
+    if have < seqs_needed:
+        raise DataError(
+            f"{', '.join(names[:3])}{'...' if len(names) > 3 else ''}: the {split} split has {have} sequences "
+            f"of T={T} tokens, fewer than the {seqs_needed} one {'optimizer step' if split == 'train' else 'evaluation'} needs; {fix}"
+        )
+
+
+# -----------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr at max_steps."""
+    min_lr = max_lr * min_lr_ratio
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast, rank=0, world_size=1) -> float:
+    """Mean loss over the first num_seqs validation sequences (a fixed set, whatever the world size).
+
+    Rank r takes sequences r, r + world, ...; batches keep the training shape (B, T), the last one
+    padded with targets of -1 (ignored), so a compiled model sees no new shape. Summed losses and
+    token counts are all-reduced, so the mean is over exactly the same tokens on 1 or 8 GPUs.
+    """
+    mine = list(range(rank, num_seqs, world_size))
+    B, T = loader.B, loader.T
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    for i in range(0, len(mine), B):
+        x, y = loader.batch(mine[i : i + B])
+        if len(x) < B:  # pad to the training shape; padded rows score nothing
+            pad = B - len(x)
+            x = torch.cat([x, torch.zeros(pad, T, dtype=x.dtype)])
+            y = torch.cat([y, torch.full((pad, T), -1, dtype=y.dtype)])
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            _, loss = model(x, y)
+        n = (y != -1).sum()
+        total += torch.stack([loss.double() * n, n.double()])
+    if world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def sample_text(model, enc, prompt, num_samples, max_new_tokens, device, autocast, seed, top_k=50):
+    """Samples from the raw model. Generation uses the KV cache at shapes that change every token,
+    which a compiled model would recompile for; the raw module shares the trained weights, and
+    sampling is a small share of a run's time, so it runs uncompiled."""
+    idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast:
+        out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=top_k, generator=generator)
+    return [enc.decode(row) for row in out.tolist()]
+
+
+# -----------------------------------------------------------------------------------------------
 # Checkpoints
 
 CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
@@ -411,3 +655,567 @@ def load_model_from_checkpoint(path: str, device="cpu") -> GPT:
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def atomic_write(path: str, write):
+    """write(file) into path.tmp, flush and fsync, then rename over path: a crash leaves either the
+    old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_path(log_dir: str, step: int) -> str:
+    return os.path.join(log_dir, f"ckpt_{step:06d}.pt")
+
+
+def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
+    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints."""
+    path = checkpoint_path(log_dir, state["step"])
+    atomic_write(path, lambda f: torch.save(state, f))
+    # "latest" is updated only once the checkpoint it names is complete on disk
+    atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    if keep > 0:
+        ckpts = sorted(n for n in os.listdir(log_dir) if re.fullmatch(r"ckpt_\d{6}\.pt", n))
+        for old in ckpts[:-keep]:
+            os.remove(os.path.join(log_dir, old))
+    return path
+
+
+def latest_checkpoint(log_dir: str) -> str | None:
+    """The checkpoint LOG_DIR/latest names, or None when the run has none yet."""
+    pointer = os.path.join(log_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(log_dir, f.read().strip())
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{pointer} names {path}, which does not exist: pass --resume PATH with a checkpoint")
+    return path
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+# -----------------------------------------------------------------------------------------------
+# Setup: processes, devices, precision, logging
+
+
+@dataclass
+class Dist:
+    rank: int  # this process among all processes
+    local_rank: int  # this process on its node (its GPU index)
+    world_size: int
+    device: torch.device
+    device_type: str  # "cuda", "mps" or "cpu": compare this, never device strings
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str = "auto") -> Dist:
+    """Detect torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the environment), pick the device, and join
+    the process group: NCCL on CUDA, gloo on CPU."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if device_arg == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
+    rank, local_rank, world_size = 0, 0, 1
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+        world_size = int(os.environ["WORLD_SIZE"])
+    device = torch.device(device_arg)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        if device.type == "mps":
+            raise ConfigError("torchrun with --device mps is not supported: use --device cpu or one process")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world_size, device, device.type)
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_context(device_type: str):
+    """The one autocast context for every forward pass: bf16 on CUDA (fp16 where the GPU has no
+    bf16; then a GradScaler is needed), nothing (fp32) on CPU and MPS."""
+    if device_type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return nullcontext()
+
+
+# dense bf16 peak of one GPU, FLOP/s, for MFU
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12,
+                 "A800": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+
+
+def device_peak_flops(d: Dist) -> float | None:
+    if d.device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(d.device)
+    for key, flops in GPU_BF16_PEAK.items():
+        if key in name:
+            return flops / 2 if ("H100" in name and "PCIe" in name) else flops
+    return None
+
+
+class RunLog:
+    """print0 (rank 0 prints) and LOG_DIR/log.txt: one record per line, `STEP KIND VALUE`."""
+
+    def __init__(self, log_dir: str, is_main: bool):
+        self.is_main = is_main
+        self.path = os.path.join(log_dir, "log.txt")
+
+    def print0(self, *args):
+        if self.is_main:
+            print(*args, flush=True)
+
+    def start(self, header_lines, resume_step=None):
+        """New run: write the header. Resumed run: keep records before resume_step, append."""
+        if not self.is_main:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                # records of steps after the checkpoint were made by the lost part of the run
+                kept = [ln for ln in f if ln.startswith("#") or int(ln.split()[0]) < resume_step]
+        atomic_write(self.path, lambda f: f.write("".join(kept + [f"# {h}\n" for h in header_lines]).encode()))
+
+    def record(self, step: int, kind: str, value: float):
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumed runs compare exactly
+
+
+def run_header(argv, d: Dist) -> list[str]:
+    import platform
+    import subprocess
+
+    import tiktoken
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    device = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type
+    return [
+        f"command: {' '.join(argv)}",
+        f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, tiktoken {tiktoken.__version__}",
+        f"device: {device} x {d.world_size}",
+        f"git: {commit or 'unknown'}",
+    ]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits 0.
+    A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+
+class ConfigError(ValueError):
+    """A command-line setting that cannot work; the message names the flag and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, too many non-finite losses in a row)."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    preset: str = arg("gpt2-124m", "settings to start from: " + ", ".join(["gpt2-124m", "shakespeare"]) + "; flags override it")
+    # data
+    data_dir: str = arg("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
+    input: str = arg("", "train on this plain text file instead of shards (last 10%% is validation); input.txt is downloaded if missing")
+    # model
+    init_from: str = arg("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 folder (fine-tuning)")
+    n_layer: int = arg(12, "transformer blocks")
+    n_head: int = arg(12, "attention heads")
+    n_embd: int = arg(768, "model width (channels)")
+    block_size: int = arg(0, "position-table size (tokens); 0 = --seq-len")
+    # batch
+    batch_size: int = arg(64, "micro-batch B (sequences per forward pass per process)")
+    seq_len: int = arg(1024, "sequence length T (tokens)")
+    total_batch_size: int = arg(524288, "tokens per optimizer step, over all processes and micro-steps")
+    # optimization
+    max_steps: int = arg(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)")
+    warmup_steps: int = arg(715, "linear LR warmup steps")
+    max_lr: float = arg(6e-4, "peak learning rate; decays by cosine to 10%% of it")
+    weight_decay: float = arg(0.1, "AdamW weight decay of 2-D parameters")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this")
+    seed: int = arg(1337, "seed of the initial weights and of the data order")
+    # periodic work (0 = off; each also runs on the last step)
+    val_every: int = arg(250, "validation loss every N steps")
+    val_tokens: int = arg(10485760, "validation tokens per evaluation (a fixed set, whatever the world size)")
+    hellaswag_every: int = arg(250, "HellaSwag accuracy every N steps")
+    hellaswag_data: str = arg("", "local HellaSwag JSON-lines file (default: the downloaded validation set)")
+    hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)")
+    sample_every: int = arg(250, "print 4 samples of 32 tokens every N steps")
+    checkpoint_every: int = arg(1000, "checkpoint every N steps")
+    keep_checkpoints: int = arg(3, "keep the last N checkpoints (0 = all)")
+    # run
+    log_dir: str = arg("log", "folder of log.txt and checkpoints")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    compile: bool = arg(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
+    resume: str = arg("", "'auto' (latest checkpoint in --log-dir, if any) or a checkpoint path")
+    max_bad_steps: int = arg(5, "stop after this many non-finite losses in a row")
+    inject_nan: str = arg("", "testing aid: comma-separated steps whose loss is made NaN")
+
+
+PRESETS = {
+    # GPT-2 124M on 10B tokens of FineWeb-Edu: 19073 steps of 2**19 tokens (the dataclass defaults)
+    "gpt2-124m": {},
+    # Tiny Shakespeare on a laptop CPU: a small model that learns visibly within minutes
+    "shakespeare": dict(
+        input="input.txt", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
+        total_batch_size=2048, max_steps=1200, warmup_steps=50, max_lr=2e-3, val_every=100,
+        val_tokens=32768, hellaswag_every=0, sample_every=200, checkpoint_every=200,
+    ),
+}
+
+
+def parse_args(argv=None) -> RunConfig:
+    parser = argparse.ArgumentParser(description="Train GPT-2 (see the module docstring for the commands). "
+                                     "Explicit flags override the preset.")
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        shown = f"default: {getattr(defaults, f.name)!r}"
+        if f.name in PRESETS["shakespeare"]:
+            shown += f"; shakespeare: {PRESETS['shakespeare'][f.name]!r}"
+        help_text = f"{f.metadata['help']} ({shown})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=help_text)
+    ns = vars(parser.parse_args(argv))
+    preset = ns["preset"] or defaults.preset
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
+    values = {**vars(defaults), **PRESETS[preset], **{k: v for k, v in ns.items() if v is not None}}
+    values["preset"] = preset
+    return RunConfig(**values)
+
+
+def check_batch_sizes(cfg: RunConfig, world_size: int) -> int:
+    """Gradient-accumulation steps, or a ConfigError that proposes valid --total-batch-size values."""
+    per_micro_step = cfg.batch_size * cfg.seq_len * world_size
+    if cfg.total_batch_size % per_micro_step:
+        lower = max(1, cfg.total_batch_size // per_micro_step) * per_micro_step
+        raise ConfigError(
+            f"--total-batch-size {cfg.total_batch_size} is not divisible by batch-size x seq-len x processes = "
+            f"{cfg.batch_size} x {cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or {lower + per_micro_step}, "
+            f"or change --batch-size"
+        )
+    return cfg.total_batch_size // per_micro_step
+
+
+# -----------------------------------------------------------------------------------------------
+# Training
+
+
+def build_data(cfg: RunConfig, d: Dist, seqs_per_step: int):
+    """Train and validation loaders over shards (--data-dir) or a text file (--input)."""
+    T = cfg.seq_len
+    if cfg.input:
+        train_ids, val_ids = load_text(cfg.input)
+        train, val = ([train_ids], [f"{cfg.input} (first 90%)"]), ([val_ids], [f"{cfg.input} (last 10%)"])
+        fix = "use a longer text file or a smaller --seq-len / --total-batch-size"
+    else:
+        train, val = load_shards(cfg.data_dir, "train", T), load_shards(cfg.data_dir, "val", T)
+        fix = "build more data with `python fineweb.py`, or lower --total-batch-size / --val-tokens"
+    check_enough(*train, "train", T, seqs_per_step, fix)
+    val_seqs = max(1, cfg.val_tokens // T)
+    if cfg.val_every:
+        check_enough(*val, "val", T, val_seqs, fix)
+    common = dict(B=cfg.batch_size, T=T, seqs_per_step=seqs_per_step, rank=d.rank, world_size=d.world_size, seed=cfg.seed)
+    return DataLoader(*train, shuffle=True, **common), DataLoader(*val, shuffle=False, **common), val_seqs
+
+
+def build_model(cfg: RunConfig) -> GPT:
+    if cfg.init_from == "scratch":
+        config = GPTConfig(block_size=cfg.block_size or cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        return GPT(config)
+    try:
+        return GPT.from_pretrained(cfg.init_from)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+
+
+def train(cfg: RunConfig, d: Dist, argv: list[str]):
+    log = RunLog(cfg.log_dir, d.is_main)
+    print0 = log.print0
+    grad_accum_steps = check_batch_sizes(cfg, d.world_size)
+    seqs_per_step = cfg.total_batch_size // cfg.seq_len
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if d.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = autocast_context(d.device_type)
+    use_compile = cfg.compile if cfg.compile is not None else d.device_type == "cuda"
+
+    train_loader, val_loader, val_seqs = build_data(cfg, d, seqs_per_step)
+    raw_model = build_model(cfg)
+    if cfg.seq_len > raw_model.config.block_size:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {raw_model.config.block_size}")
+    raw_model.to(d.device)
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
+    # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler("cuda") if d.device_type == "cuda" and not torch.cuda.is_bf16_supported() else None
+
+    # resume: weights, optimizer, step, data position and random state of an interrupted run
+    start_step, skipped_total, last_val = 0, 0, None
+    resume_path = latest_checkpoint(cfg.log_dir) if cfg.resume == "auto" else (cfg.resume or None)
+    if cfg.resume == "auto" and resume_path is None:
+        print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
+    if resume_path:
+        ckpt = read_checkpoint(resume_path, map_location=d.device)
+        diffs = config_differences(ckpt["model_config"], asdict(raw_model.config))
+        if diffs:
+            raise CheckpointError(f"{resume_path}: the checkpoint's model differs from this run's: " + "; ".join(diffs))
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        saved_run = ckpt["run_config"]
+        data_keys = ("seed", "seq_len", "total_batch_size", "input", "data_dir")
+        data_diffs = [f"--{k.replace('_', '-')} {saved_run.get(k)!r} -> {getattr(cfg, k)!r}" for k in data_keys if saved_run.get(k) != getattr(cfg, k)]
+        if data_diffs:
+            print0(f"warning: {', '.join(data_diffs)}: the data order differs from the original run")
+        train_loader.load_state_dict(ckpt["train_loader"])
+        if ckpt["world_size"] == d.world_size:
+            set_rng_state(ckpt["rng"][d.rank])
+        else:
+            print0(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, optimizer, "
+                   f"step and data position are kept (a step's data does not depend on the number of processes); "
+                   f"per-process random states are not restored")
+        start_step, skipped_total, last_val = ckpt["step"], ckpt.get("skipped_steps", 0), ckpt.get("val_loss")
+        print0(f"resumed from {resume_path} at step {start_step}")
+        del ckpt
+    if d.is_main:
+        os.makedirs(cfg.log_dir, exist_ok=True)
+    log.start(run_header(argv, d), resume_step=start_step if resume_path else None)
+
+    # what trains: maybe compiled, maybe DDP-wrapped; raw_model (same weights) is what we save and sample
+    model = torch.compile(raw_model) if use_compile else raw_model
+    ddp_model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None, gradient_as_bucket_view=True) if d.ddp else model
+
+    enc = None
+    hellaswag_examples = None
+    if cfg.hellaswag_every:
+        import hellaswag
+
+        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None)
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    peak = device_peak_flops(d)
+    nan_steps = {int(s) for s in cfg.inject_nan.split(",") if s.strip()}
+    stop = StopRequest()
+    stop.install()
+
+    print0(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per token (6N + 12LCT)")
+    print0(f"device: {d.device} x {d.world_size} process(es), autocast: {'bf16/fp16' if d.device_type == 'cuda' else 'fp32'}, compile: {use_compile}")
+    print0(f"batch: {cfg.total_batch_size:,} tokens per step = {cfg.batch_size} x {cfg.seq_len} x {d.world_size} processes x {grad_accum_steps} micro-steps")
+    print0(f"data: {train_loader.seqs_per_epoch:,} training sequences per epoch ({train_loader.seqs_per_epoch / seqs_per_step:.1f} steps)")
+
+    bad_in_a_row = 0
+    for step in range(start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+
+        if cfg.val_every and (step % cfg.val_every == 0 or last_step):
+            model.eval()
+            last_val = validation_loss(model, val_loader, val_seqs, d.device, autocast, d.rank, d.world_size)
+            model.train()
+            print0(f"step {step:5d} | val loss {last_val:.4f}")
+            log.record(step, "val", last_val)
+
+        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
+            import hellaswag  # scoring lives there; the raw model shares the trained weights
+
+            raw_model.eval()
+            result = hellaswag.evaluate(raw_model, hellaswag_examples, device=d.device, batch_size=max(1, cfg.batch_size // 4),
+                                        autocast=autocast, rank=d.rank, world_size=d.world_size)
+            raw_model.train()
+            print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['n']})")
+            log.record(step, "hella", result["acc_norm"])
+
+        if cfg.sample_every and (step % cfg.sample_every == 0 or last_step) and step > 0:
+            from fineweb import gpt2_tokenizer
+
+            enc = enc or gpt2_tokenizer()
+            raw_model.eval()
+            samples = sample_text(raw_model, enc, "Hello, I'm a language model,", 4, 32, d.device, autocast,
+                                  seed=cfg.seed + 1000 * d.rank + step)
+            raw_model.train()
+            for i, text in enumerate(samples):
+                print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
+
+        # ---- one optimization step: grad_accum_steps micro-batches, then one update ----
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            if d.device_type == "cuda":
+                x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
+            else:
+                x, y = x.to(d.device), y.to(d.device)
+            # DDP all-reduces gradients in backward; only the last micro-step needs it. no_sync() is
+            # entered before the forward pass, which is when DDP decides.
+            sync = micro_step == grad_accum_steps - 1
+            with nullcontext() if sync or not d.ddp else ddp_model.no_sync():
+                with autocast:
+                    _, loss = ddp_model(x, y)
+                # each micro-batch loss is a mean over B*T tokens; dividing by the number of micro-steps
+                # makes the summed gradients those of the mean over the whole batch
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach()
+                (scaler.scale(loss) if scaler else loss).backward()
+        if step in nan_steps:
+            loss_accum = loss_accum * float("nan")
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # one all-reduce per step: the loss averaged over ranks, and whether any rank was told to stop
+        stats = torch.stack([loss_accum.float(), torch.tensor(float(stop.requested), device=d.device)])
+        if d.ddp:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        loss_value, stop_now = stats[0].item() / d.world_size, stats[1].item() > 0
+        norm_value = norm.item()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            bad_in_a_row = 0
+        else:  # a non-finite loss or gradient: skip the update, keep the weights
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            skipped_total += 1
+            log.record(step, "skipped", skipped_total)
+            print0(f"step {step:5d} | non-finite loss {loss_value} / grad norm {norm_value}: update skipped "
+                   f"({bad_in_a_row} in a row, {skipped_total} in all)")
+            if bad_in_a_row >= cfg.max_bad_steps:
+                last = latest_checkpoint(cfg.log_dir)
+                raise TrainingError(
+                    f"{bad_in_a_row} non-finite losses in a row at step {step}: stopping. The last good checkpoint is "
+                    f"{last or '(none)'}; lower --max-lr or raise --warmup-steps, then --resume auto"
+                )
+        if d.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = f" | mfu {100 * flops_per_token * tokens_per_sec / d.world_size / peak:.1f}%" if peak else ""
+        print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
+               f"dt {1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}{mfu}")
+        log.record(step, "train", loss_value)
+
+        done = step + 1
+        if (cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last_step)) or stop_now:
+            rngs = [None] * d.world_size
+            if d.ddp:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs[0] = rng_state()
+            if d.is_main:
+                t_save = time.perf_counter()
+                path = save_checkpoint(cfg.log_dir, {
+                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": done,
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "train_loader": train_loader.state_dict(), "rng": rngs,
+                    "model_config": asdict(raw_model.config), "run_config": asdict(cfg),
+                    "world_size": d.world_size, "val_loss": last_val, "skipped_steps": skipped_total,
+                }, keep=cfg.keep_checkpoints)
+                print0(f"saved {path} ({time.perf_counter() - t_save:.2f}s)")
+            if d.ddp:
+                dist.barrier()
+        if stop_now:
+            print0(f"stopped by signal after step {step}; continue with --resume auto")
+            return
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+        d = setup_distributed(cfg.device)
+    except ConfigError as e:
+        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(cfg, d, ["train_gpt2.py", *argv])
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
