@@ -1,0 +1,42 @@
+"""Running the real scripts in fresh processes, and reading their logs."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
+
+# a tiny model on Tiny Shakespeare: each step takes a few milliseconds on one CPU thread
+TINY = ["--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+        "--total-batch-size", "512", "--warmup-steps", "2", "--val-tokens", "1024", "--hellaswag-every", "0",
+        "--sample-every", "0", "--checkpoint-every", "0", "--val-every", "0", "--no-compile", "--device", "cpu"]
+
+
+def env1():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_cmd(*args, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return launcher + [os.path.join(ROOT, "train_gpt2.py"), *args]
+
+
+def run_train(*args, nproc=1, check=True, timeout=600):
+    p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train_gpt2.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def read_log(log_dir, kind=None):
+    """{step: value} of one record kind of LOG_DIR/log.txt (or all records as (step, kind, value))."""
+    records = []
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        for line in f:
+            if line.startswith("#"):
+                continue
+            step, k, value = line.split()
+            records.append((int(step), k, float(value)))
+    if kind is None:
+        return records
+    return {s: v for s, k, v in records if k == kind}

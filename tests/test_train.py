@@ -1,0 +1,227 @@
+"""The training half of train_gpt2.py: loader, schedule, accumulation, DDP, compile, CLI."""
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2 as tg
+from helpers import ROOT, TINY, read_log, run_train
+
+
+# --- learning-rate schedule --------------------------------------------------------------------
+
+def test_lr_schedule():
+    lr = lambda s: tg.get_lr(s, max_lr=6e-4, warmup_steps=10, max_steps=110)
+    assert lr(0) == pytest.approx(6e-5)  # warmup starts at max_lr / warmup_steps, never at 0
+    assert lr(9) == pytest.approx(6e-4)  # end of warmup
+    assert lr(10) == pytest.approx(6e-4)
+    assert lr(60) == pytest.approx(0.5 * (6e-4 + 6e-5))  # half way through the cosine
+    assert lr(110) == pytest.approx(6e-5)  # 10% of max at the end, and after
+    assert lr(500) == pytest.approx(6e-5)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+
+
+# --- loader --------------------------------------------------------------------------------------
+
+def make_loader(arrays, B, world_size=1, rank=0, seqs_per_step=8, seed=0, shuffle=True, T=4):
+    return tg.DataLoader(arrays, [f"a{i}" for i in range(len(arrays))], B=B, T=T, seqs_per_step=seqs_per_step,
+                         rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+
+
+def shards_with_ids(lengths, T=4):
+    """Arrays whose sequence k (stride T) starts with a unique token, so a batch tells what it holds."""
+    arrays, next_id = [], 0
+    for n in lengths:
+        a = np.zeros(n, dtype=np.uint16)
+        for k in range((n - 1) // T):
+            a[k * T] = next_id
+            next_id += 1
+        arrays.append(a)
+    return arrays, next_id
+
+
+def step_sequences(loader, steps):
+    """The sequence ids each optimizer step of one rank sees."""
+    out = []
+    for _ in range(steps):
+        ids = []
+        for _ in range(loader.grad_accum_steps):
+            x, _ = loader.next_batch()
+            ids += x[:, 0].tolist()
+        out.append(ids)
+    return out
+
+
+def test_loader_epoch_covers_every_sequence_once_and_reshuffles():
+    arrays, n = shards_with_ids([41, 33, 57, 29])  # 10 + 8 + 14 + 7 = 39 sequences of T+1 = 5 tokens
+    assert n == 39
+    loader = make_loader(arrays, B=1, seqs_per_step=1)
+    epoch1 = [loader.next_batch()[0][0, 0].item() for _ in range(n)]
+    epoch2 = [loader.next_batch()[0][0, 0].item() for _ in range(n)]
+    assert sorted(epoch1) == list(range(n)) and sorted(epoch2) == list(range(n))
+    assert epoch1 != epoch2  # a new order every epoch: no periodic wave in the loss
+    again = make_loader(arrays, B=1, seqs_per_step=1)
+    assert [again.next_batch()[0][0, 0].item() for _ in range(n)] == epoch1  # reproducible from the seed
+    other = make_loader(arrays, B=1, seqs_per_step=1, seed=1)
+    assert [other.next_batch()[0][0, 0].item() for _ in range(n)] != epoch1
+    # y is x shifted by one token
+    x, y = make_loader(arrays, B=2).next_batch()
+    assert x.dtype == torch.int64 and x.shape == (2, 4)
+
+
+def test_loader_ranks_disjoint_and_independent_of_micro_batch_and_world_size():
+    arrays, n = shards_with_ids([401, 333, 257])
+    reference = step_sequences(make_loader(arrays, B=8, seqs_per_step=8), 12)  # one process, one micro-step
+    for B, world in [(4, 1), (2, 1), (4, 2), (2, 2), (1, 4), (2, 4)]:
+        per_rank = [step_sequences(make_loader(arrays, B=B, world_size=world, rank=r, seqs_per_step=8), 12) for r in range(world)]
+        for s in range(12):
+            union = [i for r in range(world) for i in per_rank[r][s]]
+            assert len(set(union)) == len(union) == 8  # ranks disjoint
+            assert sorted(union) == sorted(reference[s]), (B, world, s)  # same data in the same step
+
+
+def test_loader_state_dict_resumes_with_the_next_batch():
+    arrays, _ = shards_with_ids([401, 333, 257])
+    a = make_loader(arrays, B=2, world_size=2, rank=1)
+    step_sequences(a, 7)
+    b = make_loader(arrays, B=2, world_size=2, rank=1)
+    b.load_state_dict(a.state_dict())
+    assert step_sequences(a, 5) == step_sequences(b, 5)
+
+
+def test_validation_order_is_fixed():
+    arrays, n = shards_with_ids([41, 33])
+    v = make_loader(arrays, B=2, shuffle=False)
+    x, _ = v.batch(range(n))
+    assert x[:, 0].tolist() == list(range(n))
+
+
+def write_shards(folder, n_train=2, tokens=3000, dtype=np.uint16):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = ["t_val_000000.npy"] + [f"t_train_{i:06d}.npy" for i in range(1, n_train + 1)]
+    for name in names:
+        np.save(os.path.join(folder, name), rng.integers(0, 50257, tokens).astype(dtype))
+    return [os.path.join(folder, n) for n in names]
+
+
+def test_shard_errors(tmp_path):
+    with pytest.raises(tg.DataError, match="python fineweb.py"):
+        tg.find_shards(str(tmp_path), "train")  # empty directory
+    paths = write_shards(str(tmp_path / "ok"))
+    assert tg.find_shards(str(tmp_path / "ok"), "train") == paths[1:]
+    assert tg.find_shards(str(tmp_path / "ok"), "val") == paths[:1]
+    # a truncated shard (a crash while writing, a partial copy)
+    raw = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(tg.DataError, match="t_train_000001.npy.*unreadable.*fineweb.py"):
+        tg.open_shard(paths[1], 32)
+    # the wrong dtype
+    wrong = write_shards(str(tmp_path / "wrong"), dtype=np.int32)
+    with pytest.raises(tg.DataError, match="t_train_000001.npy.*int32.*uint16"):
+        tg.open_shard(wrong[1], 32)
+    # ids that are not GPT-2 tokens
+    bad = str(tmp_path / "bad_val_000000.npy")
+    np.save(bad, np.full(100, 60000, dtype=np.uint16))
+    with pytest.raises(tg.DataError, match="60000"):
+        tg.open_shard(bad, 32)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    p = run_train("--data-dir", str(tmp_path / "missing"), "--device", "cpu", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "python fineweb.py" in p.stderr and "--preset shakespeare" in p.stderr
+    p = run_train(*TINY, "--max-steps", "1", "--batch-size", "3", "--log-dir", str(tmp_path / "l"), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "--total-batch-size 512 is not divisible" in p.stderr and "use 480 or 576" in p.stderr
+    truncated = write_shards(str(tmp_path / "trunc"))
+    open(truncated[2], "r+b").truncate(500)
+    p = run_train("--data-dir", str(tmp_path / "trunc"), "--seq-len", "32", "--batch-size", "4", "--total-batch-size", "128",
+                  "--val-tokens", "256", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--device", "cpu", check=False)
+    assert p.returncode != 0 and "t_train_000002.npy" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_import_does_nothing(tmp_path):
+    code = "import train_gpt2, fineweb, hellaswag; print('imported')"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "imported\n" and os.listdir(tmp_path) == []
+
+
+# --- optimization ---------------------------------------------------------------------------------
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (8, 16), generator=g)
+    y = torch.randint(0, 50257, (8, 16), generator=g)
+
+    def one_step(m, k):
+        opt = m.configure_optimizer(0.1, 1e-3, "cpu")
+        total = 0.0
+        for xb, yb in zip(x.chunk(k), y.chunk(k)):
+            _, loss = m(xb, yb)
+            loss = loss / k
+            total += loss.item()
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        return total
+
+    big, small = copy.deepcopy(model), copy.deepcopy(model)
+    loss_big, loss_small = one_step(big, 1), one_step(small, 4)
+    assert loss_small == pytest.approx(loss_big, abs=1e-6)
+    for (name, a), b in zip(big.named_parameters(), small.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_weight_decay_only_on_2d_parameters():
+    m = tg.GPT(tg.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16))
+    decay, no_decay = m.configure_optimizer(0.1, 1e-3, "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8
+
+
+# --- the real CLI: DDP and micro-batches ------------------------------------------------------
+
+def test_ddp_and_micro_batches_give_the_same_losses(tmp_path):
+    args = [*TINY, "--max-steps", "5", "--val-every", "2"]
+    run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))  # 1 process, 2 micro-steps
+    run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "small"))  # 1 process, 8 micro-steps
+    run_train(*args, "--batch-size", "4", "--log-dir", str(tmp_path / "ddp"), nproc=2)  # 2 ranks x 2 micro-steps
+    ref = read_log(tmp_path / "one")
+    assert [k for _, k, _ in ref].count("train") == 5 and [k for _, k, _ in ref].count("val") == 3  # steps 0, 2, 4
+    for other in ("small", "ddp"):
+        got = read_log(tmp_path / other)
+        assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in ref]
+        for (s, k, a), (_, _, b) in zip(ref, got):
+            assert abs(a - b) < 2e-5, (other, s, k, a, b)
+
+
+def test_compiled_run_with_validation_hellaswag_and_sampling(tmp_path, shared_data):
+    p = run_train(*TINY, "--compile", "--max-steps", "4", "--batch-size", "8", "--val-every", "2",
+                  "--hellaswag-every", "2", "--hellaswag-limit", "8", "--sample-every", "2",
+                  "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"),
+                  "--block-size", "256", "--log-dir", str(tmp_path / "c"))
+    records = read_log(tmp_path / "c")
+    kinds = [k for _, k, _ in records]
+    assert kinds.count("train") == 4 and kinds.count("val") == 3 and kinds.count("hella") == 3
+    assert "compile: True" in p.stdout
+    assert p.stdout.count("sample 0:") == 2  # steps 2 and 3 (the last)
+
+
+def test_shakespeare_preset_learns(tmp_path):
+    # the real preset, shortened: validation loss must fall well below its start at ln(50257)
+    run_train("--preset", "shakespeare", "--input", os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"),
+              "--max-steps", "30", "--val-every", "29", "--val-tokens", "4096", "--sample-every", "0",
+              "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
+    val = read_log(tmp_path / "s", "val")
+    assert val[0] > 10.5 and val[29] < val[0] - 2.0, val
