@@ -151,6 +151,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the output projection is the token embedding table (GPT-2 does this)
         self.transformer.wte.weight = self.lm_head.weight
+        # 0 for real tokens, -inf for the padded rows: added inside the lm_head matmul, it gives the
+        # padded logits zero probability, so the softmax is exactly the one over the real vocabulary
+        # (no slicing copy in the loss). Not saved: it follows from the config.
+        vocab_bias = torch.zeros(config.padded_vocab_size)
+        vocab_bias[config.vocab_size :] = float("-inf")
+        self.register_buffer("vocab_bias", vocab_bias, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -188,23 +194,24 @@ class GPT(nn.Module):
             x = block(x, attn_mask=attn_mask, kv_cache=kv_cache)
         return self.transformer.ln_f(x)
 
+    def padded_logits(self, x):
+        """Hidden states (..., C) -> logits (..., padded_vocab_size), -inf on the padded rows."""
+        return F.linear(x, self.lm_head.weight, self.vocab_bias)
+
     def logits(self, x):
         """Hidden states (..., C) -> logits over the real vocabulary (..., vocab_size)."""
-        logits = self.lm_head(x)
-        # the padded rows exist for kernel speed only: cut them so they never score or get sampled
-        return logits[..., : self.config.vocab_size]
+        # the padded rows exist for kernel speed only: they never score or get sampled
+        return self.padded_logits(x)[..., : self.config.vocab_size]
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
 
         Targets of -1 are ignored (padding)."""
-        logits = self.logits(self.hidden_states(idx, kv_cache=kv_cache))
+        padded = self.padded_logits(self.hidden_states(idx, kv_cache=kv_cache))  # (B, T, padded V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+            loss = F.cross_entropy(padded.reshape(-1, padded.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return padded[..., : self.config.vocab_size], loss  # a view: no copy
 
     # --- size and cost ---------------------------------------------------------------------------
 
@@ -1176,7 +1183,9 @@ def train(cfg: RunConfig, d: Dist, argv: list[str]):
         log.record(step, "train", loss_value)
 
         done = step + 1
-        if (cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last_step)) or stop_now:
+        periodic = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last_step)
+        # no periodic checkpoint during a run of non-finite losses: keep the last good ones on disk
+        if (periodic and bad_in_a_row == 0) or stop_now:
             rngs = [None] * d.world_size
             if d.ddp:
                 dist.all_gather_object(rngs, rng_state())

@@ -8,7 +8,7 @@ SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakesp
 
 # a tiny model on Tiny Shakespeare: each step takes a few milliseconds on one CPU thread
 TINY = ["--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
-        "--total-batch-size", "512", "--warmup-steps", "2", "--val-tokens", "1024", "--hellaswag-every", "0",
+        "--total-batch-size", "256", "--warmup-steps", "2", "--val-tokens", "1024", "--hellaswag-every", "0",
         "--sample-every", "0", "--checkpoint-every", "0", "--val-every", "0", "--no-compile", "--device", "cpu"]
 
 

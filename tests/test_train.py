@@ -138,7 +138,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "python fineweb.py" in p.stderr and "--preset shakespeare" in p.stderr
     p = run_train(*TINY, "--max-steps", "1", "--batch-size", "3", "--log-dir", str(tmp_path / "l"), check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "--total-batch-size 512 is not divisible" in p.stderr and "use 480 or 576" in p.stderr
+    assert "--total-batch-size 256 is not divisible" in p.stderr and "use 192 or 288" in p.stderr
     truncated = write_shards(str(tmp_path / "trunc"))
     open(truncated[2], "r+b").truncate(500)
     p = run_train("--data-dir", str(tmp_path / "trunc"), "--seq-len", "32", "--batch-size", "4", "--total-batch-size", "128",
@@ -194,9 +194,9 @@ def test_weight_decay_only_on_2d_parameters():
 
 def test_ddp_and_micro_batches_give_the_same_losses(tmp_path):
     args = [*TINY, "--max-steps", "5", "--val-every", "2"]
-    run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))  # 1 process, 2 micro-steps
-    run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "small"))  # 1 process, 8 micro-steps
-    run_train(*args, "--batch-size", "4", "--log-dir", str(tmp_path / "ddp"), nproc=2)  # 2 ranks x 2 micro-steps
+    run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))  # 1 process, 1 micro-step
+    run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "small"))  # 1 process, 4 micro-steps
+    run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)  # 2 ranks x 2 micro-steps
     ref = read_log(tmp_path / "one")
     assert [k for _, k, _ in ref].count("train") == 5 and [k for _, k, _ in ref].count("val") == 3  # steps 0, 2, 4
     for other in ("small", "ddp"):
