@@ -983,6 +983,31 @@ def check_batch_sizes(cfg: RunConfig, world_size: int) -> int:
 # Training
 
 
+def forward_backward(model, optimizer, loader, grad_accum_steps: int, d: Dist, autocast, scaler=None):
+    """Gradients of one optimizer step's batch: grad_accum_steps micro-batches of this rank.
+    Returns this rank's mean loss as a device tensor (no host sync). bench.py times this too."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=d.device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        if d.device_type == "cuda":  # pinned host memory lets the copy overlap with compute
+            x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
+        else:
+            x, y = x.to(d.device), y.to(d.device)
+        # DDP all-reduces gradients during backward; only the last micro-step needs that. no_sync()
+        # is entered before the forward pass, which is where DDP decides.
+        sync = micro_step == grad_accum_steps - 1
+        with nullcontext() if sync or not isinstance(model, DDP) else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            # each micro-batch loss is a mean over B*T tokens; dividing by the number of micro-steps
+            # makes the summed gradients those of the mean over the whole batch
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss_accum
+
+
 def build_data(cfg: RunConfig, d: Dist, seqs_per_step: int):
     """Train and validation loaders over shards (--data-dir) or a text file (--input)."""
     T = cfg.seq_len
@@ -1120,25 +1145,7 @@ def train(cfg: RunConfig, d: Dist, argv: list[str]):
 
         # ---- one optimization step: grad_accum_steps micro-batches, then one update ----
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=d.device)
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            if d.device_type == "cuda":
-                x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
-            else:
-                x, y = x.to(d.device), y.to(d.device)
-            # DDP all-reduces gradients in backward; only the last micro-step needs it. no_sync() is
-            # entered before the forward pass, which is when DDP decides.
-            sync = micro_step == grad_accum_steps - 1
-            with nullcontext() if sync or not d.ddp else ddp_model.no_sync():
-                with autocast:
-                    _, loss = ddp_model(x, y)
-                # each micro-batch loss is a mean over B*T tokens; dividing by the number of micro-steps
-                # makes the summed gradients those of the mean over the whole batch
-                loss = loss / grad_accum_steps
-                loss_accum += loss.detach()
-                (scaler.scale(loss) if scaler else loss).backward()
+        loss_accum = forward_backward(ddp_model, optimizer, train_loader, grad_accum_steps, d, autocast, scaler)
         if step in nan_steps:
             loss_accum = loss_accum * float("nan")
         if scaler is not None:
