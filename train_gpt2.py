@@ -3,6 +3,23 @@ train_gpt2.py: GPT-2 (124M) from scratch, in one file you can read top to bottom
 
 Sections, in reading order: model, data, learning-rate schedule, evaluation, checkpoints,
 setup, command line, training.
+
+Run it
+  CPU or Mac, Tiny Shakespeare, a small model, minutes:
+      python train_gpt2.py --preset shakespeare
+  One GPU, GPT-2 124M on FineWeb-Edu (first: python fineweb.py):
+      python train_gpt2.py
+  Eight GPUs on one node (the 10B-token reproduction):
+      torchrun --standalone --nproc_per_node=8 train_gpt2.py
+  Several nodes (run on each node; torchrun's own rendezvous):
+      torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_gpt2.py
+  Resume after a crash or preemption (also what torchrun --max-restarts relaunches):
+      torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py --resume auto
+  Fine-tune OpenAI's weights:
+      python train_gpt2.py --init-from gpt2 --max-lr 1e-4 ...
+
+Every flag and its default: python train_gpt2.py --help. Logs and checkpoints go to --log-dir
+(log.txt has one record per line: `STEP train LOSS`, `STEP val LOSS`, `STEP hella ACC`).
 """
 import argparse
 import math
