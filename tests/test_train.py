@@ -225,3 +225,20 @@ def test_shakespeare_preset_learns(tmp_path):
               "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
     val = read_log(tmp_path / "s", "val")
     assert val[0] > 10.5 and val[29] < val[0] - 2.0, val
+
+
+def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
+    # fineweb.py turns real text into shards; train_gpt2.py's loader reads them and trains
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--dataset", os.path.join(shared_data, "tinyshakespeare.txt"),
+                        "--txt-docs", "paragraph", "--out-dir", str(out), "--shard-size", "40000", "--workers", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    arrays, paths = tg.load_shards(str(out), "train", 32)
+    assert len(paths) >= 5 and all(a.dtype == np.uint16 for a in arrays)
+    run_train(*[a for a in TINY if a not in ("--input",) and not a.endswith("tinyshakespeare.txt")],
+              "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8", "--log-dir", str(tmp_path / "l"))
+    assert len(read_log(tmp_path / "l", "val")) == 2
