@@ -41,8 +41,9 @@ def hf_dir_512(tmp_path_factory):
 
 @torch.no_grad()
 def hf_losses(hf_path, examples):
-    """(n, 4) summed and mean cross-entropy per ending, the plain way: one forward pass of context +
-    ending per ending, with Hugging Face's model and its own loss arithmetic."""
+    """(n, 4) summed and mean cross-entropy per ending, the plain way: one forward pass per example
+    of four rows "context + ending" (right-padded, which a causal model cannot see), with Hugging
+    Face's model and our own arithmetic on its logits."""
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(hf_path).eval()
@@ -50,11 +51,12 @@ def hf_losses(hf_path, examples):
     sums, means = torch.zeros(len(examples), 4), torch.zeros(len(examples), 4)
     for n, ex in enumerate(examples):
         ctx = enc.encode(ex["ctx"])
-        for i, ending in enumerate(ex["endings"]):
-            end = enc.encode(" " + ending)
-            logits = hf(torch.tensor([ctx + end])).logits[0].float()  # (T, V)
-            logprobs = torch.log_softmax(logits[len(ctx) - 1 : -1], dim=-1)  # rows predicting the ending
-            nll = -logprobs[torch.arange(len(end)), torch.tensor(end)]
+        ends = [enc.encode(" " + ending) for ending in ex["endings"]]
+        T = len(ctx) + max(map(len, ends))
+        logprobs = torch.log_softmax(hf(torch.tensor([ctx + e + [0] * (T - len(ctx) - len(e)) for e in ends])).logits.float(), -1)
+        for i, end in enumerate(ends):
+            rows = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(end))  # the positions predicting the ending
+            nll = -logprobs[i, rows, torch.tensor(end)]
             sums[n, i], means[n, i] = nll.sum(), nll.mean()
     return sums, means
 
@@ -110,6 +112,15 @@ def test_rows_longer_than_block_size_are_split(shared_data, tiny_hf_dir):
     check_same(result, *hf_losses(tiny_hf_dir, examples))
 
 
+def test_example_longer_than_block_size_is_an_error():
+    from train_gpt2 import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
+    long = {**GOOD, "endings": ["a", "b", "c", "d " * 20]}
+    with pytest.raises(ValueError, match=r"example 1: context \+ ending is \d+ tokens, more than the model's block_size 16"):
+        hellaswag.evaluate(model, [GOOD, long], device="cpu")
+
+
 def test_rendering_and_mask():
     enc = gpt2_tokenizer()
     example = {"ctx": "A man is sitting on a roof. he", "label": 3,
@@ -122,13 +133,18 @@ def test_rendering_and_mask():
         row = r.ctx + end
         assert tokens[i, : len(row)].tolist() == row and tokens[i, len(row) :].eq(0).all()
         assert mask[i].tolist() == [0] * len(r.ctx) + [1] * len(end) + [0] * (tokens.size(1) - len(row))
-    # packed: context once, then the endings, positions restarting after the context
+    # packed: context once, then the endings but their last tokens, positions restarting after the context
     p = hellaswag.pack([r], block_size=1024)
-    L = len(r.ctx)
-    assert p.idx[0].tolist() == r.ctx + sum(r.endings, [])
-    assert p.pos[0, L : L + len(r.endings[0]) + 2].tolist() == list(range(L, L + len(r.endings[0]))) + [L, L + 1]
+    L, m0 = len(r.ctx), len(r.endings[0]) - 1
+    assert p.idx[0].tolist() == r.ctx + sum((end[:-1] for end in r.endings), [])
+    assert p.pos[0, L : L + m0 + 2].tolist() == list(range(L, L + m0)) + [L, L + 1]
+    assert p.target.tolist() == sum(r.endings, [])
+    # position L - 1 (the context's last token) predicts the first token of every ending
+    firsts = [sum(map(len, r.endings[:i])) for i in range(4)]
+    assert all(p.src_col[p.pred[j]] == L - 1 for j in firsts)
+    assert p.src_col[p.pred[1:m0 + 1]].tolist() == list(range(L, L + m0))
     m = hellaswag.attention_mask(p.segment)[0, 0]  # (T, T)
-    e1 = L + len(r.endings[0])  # first token of ending 1
+    e1 = L + m0  # first token of ending 1
     assert m[e1, :L].all() and not m[e1, L:e1].any() and m[e1, e1] and not m[e1, e1 + 1 :].any()
 
 
