@@ -954,7 +954,7 @@ PRESETS = {
     # Tiny Shakespeare on a laptop CPU: a small model that learns visibly within minutes
     "shakespeare": dict(
         input="input.txt", n_layer=4, n_head=4, n_embd=128, batch_size=16, seq_len=128,
-        total_batch_size=2048, max_steps=1200, warmup_steps=50, max_lr=2e-3, val_every=100,
+        total_batch_size=2048, max_steps=600, warmup_steps=30, max_lr=6e-3, val_every=100,
         val_tokens=32768, hellaswag_every=0, sample_every=200, checkpoint_every=200,
     ),
 }
