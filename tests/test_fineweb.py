@@ -164,6 +164,16 @@ def test_same_bytes_whatever_the_worker_count(parquet_corpus, reference_dir, tmp
     same_files(reference_dir, tmp_path)
 
 
+def test_same_bytes_when_parquet_is_read_by_the_main_process(parquet_corpus, reference_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fineweb, "PARQUET_PART_BYTES", 0)  # every row group "too big" for a worker task
+    build(parquet_corpus, tmp_path, workers=2, batch_chars=2000)
+    same_files(reference_dir, tmp_path)
+    build(parquet_corpus, tmp_path / "resumed", workers=2, max_tokens=3 * SHARD + 77)
+    monkeypatch.undo()
+    build(parquet_corpus, tmp_path / "resumed", workers=2)
+    same_files(reference_dir, tmp_path / "resumed")
+
+
 def test_tokenize_batch_equals_encode_ordinary_per_document():
     docs = ["Hello world", "", "text with <|endoftext|> inside", "a lone surrogate \ud800 here", "  trailing spaces  "]
     assert np.array_equal(fineweb.tokenize_batch(docs[:2] + docs[4:]), token_stream(docs[:2] + docs[4:]))
@@ -384,6 +394,8 @@ def test_non_string_text(documents, tmp_path):
     parquet = write_parquet(tmp_path / "d.parquet", documents[:20], number=list(range(20)))
     assert_error(cli("--dataset", parquet, "--text-column", "number", "--out-dir", tmp_path / "o1"),
                  "column 'number' holds int64, not text")
+    parquet = write_parquet(tmp_path / "nulls.parquet", documents[:100] + [None] + documents[100:110])
+    assert_error(cli("--dataset", parquet, "--out-dir", tmp_path / "o3"), "nulls.parquet: row 100 has no text")
     # a bad value deep in the file (the start is checked before any work; this is found while
     # building): the shards before it are kept whole, nothing half-written
     with open(tmp_path / "d.jsonl", "w", encoding="utf-8") as f:
@@ -392,7 +404,7 @@ def test_non_string_text(documents, tmp_path):
         f.write(json.dumps({"text": 42}) + "\n")
     result = cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o2", "--shard-size", 20000, "--batch-chars", 2000)
     assert_error(result, "d.jsonl line 1101: 'text' is int, not a string")
-    assert len(shard_files(tmp_path / "o2")) > 3 and fineweb.verify(str(tmp_path / "o2"), log=lambda *a: None) == []
+    assert len(shard_files(tmp_path / "o2")) >= 2 and fineweb.verify(str(tmp_path / "o2"), log=lambda *a: None) == []
     assert leftovers(tmp_path) == []
     with pytest.raises(fineweb.FinewebError, match="document 6 .* is null, not a string"):
         list(fineweb.TokenizerPool(0).tokenize([(5, ["fine", None])]))
