@@ -160,3 +160,56 @@ def test_params_and_flops():
     assert m.num_params() - m.num_params(include_position_embeddings=False) == 1024 * 768
     n = m.num_params(include_position_embeddings=False)
     assert m.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_cross_entropy_equals_torch():
+    """The model's loss (a hand-written backward) against F.cross_entropy: value and gradient, with
+    -inf padded columns, ignored targets, and a loss scale (gradient accumulation, GradScaler)."""
+    import torch.nn.functional as F
+
+    from train_gpt2 import CrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 200, generator=g) * 3
+    logits[:, 190:] = float("-inf")  # padded vocabulary rows
+    targets = torch.randint(0, 190, (64,), generator=g)
+    targets[::7] = -1
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = CrossEntropy.apply(a, targets)
+    want = F.cross_entropy(b, targets, ignore_index=-1)
+    (ours * 0.37).backward()
+    (want * 0.37).backward()
+    assert ours.item() == want.item()  # the same reduction: F.nll_loss of the log-softmax
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
+    assert a.grad[::7].abs().max().item() == 0  # ignored rows get no gradient
+
+
+def test_model_gradients_equal_plain_cross_entropy():
+    """The whole model's gradients with our loss equal those with F.cross_entropy."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50257, (3, 16), generator=g), torch.randint(0, 50257, (3, 16), generator=g)
+    _, loss = m(x, y)
+    loss.backward()
+    ours = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    logits, _ = m(x)
+    F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).backward()
+    for k, p in m.named_parameters():
+        assert torch.allclose(ours[k], p.grad, atol=1e-6), k
+    assert m(x, y, return_logits=False)[0] is None
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile sees the training forward (and loss) as one graph: no graph break."""
+    import torch._dynamo
+
+    m = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, 50257, (2, 16))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(m)(x, x, return_logits=False)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,0 +1,44 @@
+"""bench.py: it runs end to end, and the peer it compares with does the same work as our model."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, env1
+
+TINY = ["--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "-B", "2", "-T", "32",
+        "--warmup", "2", "--steps", "2", "--no-compile"]
+
+
+def test_bench_prints_both_rows_and_ratio():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *TINY, "--peer"], cwd=ROOT, env=env1(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    out = p.stdout
+    assert re.search(r"^\| ours \(train_gpt2\.GPT\) +\|.*\|$", out, re.M), out
+    assert re.search(r"^\| peer \(GPT2LMHeadModel\) +\|.*\|$", out, re.M), out
+    assert re.search(r"^ours / peer tokens/s: \d+\.\d\dx", out, re.M), out
+    assert "6N + 12LCT" in out
+
+
+def test_peer_scores_the_same_targets():
+    """With our weights copied into it, the peer's loss on (x, y) is our loss: the same next tokens."""
+    import bench
+    from train_gpt2 import GPT, GPTConfig
+
+    args = bench.parse_args(TINY)
+    d = bench.resolve(args)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    peer = bench.build_peer(args, d.device)
+    peer.hf.load_state_dict(ours.hf_state_dict(), strict=False)
+    if not peer.shifted:
+        pytest.skip("this transformers has no shift_labels: the peer scores one target fewer per row")
+    x, y = bench.RandomBatches(2, 32).next_batch()
+    with torch.no_grad():
+        want = ours(x, y)[1].item()
+        got = peer(x, y)[1].item()
+    assert abs(got - want) < 1e-4
