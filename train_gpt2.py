@@ -173,7 +173,8 @@ class CrossEntropy(torch.autograd.Function):
         valid = targets != -1
         grad = logp.exp_()  # softmax, in place
         grad[torch.arange(len(targets), device=grad.device), targets.clamp(min=0)] -= 1
-        grad.mul_((grad_loss / valid.sum()) * valid.unsqueeze(1))  # the mean over valid targets; ignored rows get 0
+        scale = grad_loss / valid.sum().clamp(min=1)  # the loss is a mean over the valid targets
+        grad.mul_(scale * valid.unsqueeze(1))  # ignored rows get 0
         return grad.to(ctx.logits_dtype), None
 
 
