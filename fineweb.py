@@ -358,6 +358,8 @@ def _parquet_strings(values, path: str, column: str, first_row: int) -> list[str
 
 @functools.lru_cache(maxsize=2)
 def _cached_parquet(path: str):
+    """The open file a worker reads its row groups from (emptied when a build or worker starts, so
+    that no process reads through a file handle it inherited, or a file replaced since)."""
     return _open_parquet(path)
 
 
@@ -607,6 +609,7 @@ def _init_worker(ready):
     SIGTERM, which must not raise here); load the tokenizer; report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _cached_parquet.cache_clear()
     try:
         gpt2_tokenizer()
         ready.put(None)
@@ -1016,6 +1019,7 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     documents in the folder, finished, and this run's new_shards, new_tokens, seconds (after the
     workers started) and startup_seconds."""
     check_config(cfg)
+    _cached_parquet.cache_clear()
     source = open_source(cfg)
     settings = {**source.settings(), "shard_size": cfg.shard_size, "prefix": cfg.prefix, "tokenizer": "gpt2"}
     manifest = open_out_dir(cfg, settings, log)
