@@ -213,3 +213,20 @@ def test_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(m)(x, x, return_logits=False)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    dropped = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.2))
+    dropped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # evaluation (validation, HellaSwag, sampling) never drops anything
+        assert torch.equal(plain.eval()(idx)[0], dropped.eval()(idx)[0])
+        # with p = 0 training mode is evaluation mode
+        assert torch.equal(plain.train()(idx)[0], plain.eval()(idx)[0])
+        dropped.train()
+        a, b = dropped(idx)[0], dropped(idx)[0]
+    assert not torch.equal(a, b)  # a fresh mask each forward pass
+    assert not torch.allclose(a, plain(idx)[0], atol=1e-3)
