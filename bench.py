@@ -24,7 +24,7 @@ MFU = tokens/s x FLOPs per token / peak FLOP/s. FLOPs per token = our model.flop
 the peak is train_gpt2.device_peak_flops (dense bf16) on CUDA, --peak-tflops otherwise (no MFU on a
 CPU without it). Peak memory = the model's parameters, gradients and optimizer state + the most its
 steps allocated beyond what was allocated when they started (CUDA: allocator statistics; CPU: the
-resident set, approximate).
+resident set, approximate; not shown while freed memory is kept, the CPU default).
 """
 import argparse
 import inspect
@@ -197,6 +197,10 @@ def measure(contenders, args, d: Dist):
             # that allocate most: their memory is faulted in afresh); training never pays that, so it is
             # not timed
             c.run_steps(1, record=False)
+            if args.keep_freed_memory:  # freed memory stays resident: the resident set says nothing per model
+                c.run_steps(n)
+                c.peak_bytes = None
+                continue
             with PeakMemory(d) as mem:
                 own = c.state_bytes()
                 c.run_steps(n)
@@ -301,6 +305,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed steps first, per model (default: 2 on CPU, 5 on CUDA)")
     p.add_argument("--rounds", type=int, default=5, help="rounds the timed steps are split into, alternating the models (default 5)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also time GPT2LMHeadModel (default on)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: train_gpt2.keep_freed_memory() for both models, as training does (default on for "
+                   "CPU; then no peak memory is shown: use --no-keep-freed-memory for it)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (default 0: torch's choice)")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: device_peak_flops on CUDA, none on CPU)")
     p.add_argument("--profile", metavar="DIR", default="", help="after timing, profile a few steps of each model into DIR")
@@ -327,6 +334,7 @@ def resolve(args) -> Dist:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.compile = on_cuda if args.compile is None else args.compile
+    args.keep_freed_memory = d.device_type == "cpu" and args.keep_freed_memory is not False
     args.steps = args.steps or (50 if on_cuda else 10)
     args.warmup = (5 if on_cuda else 2) if args.warmup is None else args.warmup
     args.rounds = max(1, min(args.rounds, args.steps))
@@ -373,7 +381,7 @@ def report(contenders, tokens_per_step: int, flops_per_token: int, peak_flops: f
         tokens_per_s = tokens_per_step / (ms / 1000)
         mfu = f"{100 * tokens_per_s * flops_per_token / peak_flops:.1f}%" if peak_flops else "-"
         rows.append((c.name, params, f"{c.first_step_s:.2f}", f"{ms:.1f}", f"{1000 * min(c.step_times):.1f}",
-                     f"{tokens_per_s:,.0f}", mfu, _format_bytes(c.peak_bytes)))
+                     f"{tokens_per_s:,.0f}", mfu, "-" if c.peak_bytes is None else _format_bytes(c.peak_bytes)))
     print_table(header, rows)
     first = contenders[0]
     for other in contenders[1:]:
@@ -414,7 +422,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if args.threads and d.device_type == "cpu":
         torch.set_num_threads(args.threads)
-    if d.device_type == "cpu":  # as in training; the process setting serves both models alike
+    if args.keep_freed_memory:  # as in training; a process setting, it serves both models alike
         train_gpt2.keep_freed_memory()
 
     torch.manual_seed(args.seed)
@@ -425,7 +433,8 @@ def main(argv=None):
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else train_gpt2.device_peak_flops(d)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
-    where = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else f"{d.device_type}, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else f"{d.device_type}, {torch.get_num_threads()} threads" + (
+        ", freed memory kept" if args.keep_freed_memory else "")
     print(f"device: {where} | torch {torch.__version__} | {dtype_name} | {'compiled' if args.compile else 'eager'} | "
           f"attention: {args.attn}")
     print(f"model: {args.model}, {args.n_layer} layers x {args.n_head} heads x {args.n_embd} wide | B={args.batch_size} "

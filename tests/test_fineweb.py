@@ -248,7 +248,8 @@ def test_resume_after_sigkill_equals_one_run(parquet_corpus, tmp_path):
 
 
 def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, reference_dir, tmp_path):
-    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2, delay=0.1)
+    # each fsync takes 0.25 s more: after the second shard, seconds of work remain for the signal to cut
+    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2, delay=0.25)
     wait_for_shards(proc, tmp_path, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
