@@ -205,8 +205,12 @@ def test_resume_after_max_tokens_equals_one_run(parquet_corpus, reference_dir, t
     assert build(parquet_corpus, tmp_path)["new_tokens"] == 0  # complete: nothing to do
 
 
+# The child starts with Ctrl-C's default meaning, as under a terminal: a process inherits an ignored
+# SIGINT, and the test process may be inside a C library call that ignores it for a moment (libc's
+# system() does) when it starts the child.
 SLOW_FSYNC = (
-    "import os, sys, time; sys.path.insert(0, {root!r}); import fineweb; real = os.fsync\n"
+    "import os, signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "sys.path.insert(0, {root!r}); import fineweb; real = os.fsync\n"
     "def slow(fd):\n    time.sleep({delay})\n    real(fd)\n"
     "os.fsync = slow\nfineweb.main()"
 )
@@ -253,7 +257,7 @@ def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, reference_di
     wait_for_shards(proc, tmp_path, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (out, err)
     assert "interrupted" in err and "Traceback" not in err
     assert leftovers(tmp_path) == []
     build(parquet_corpus, tmp_path, workers=2)
