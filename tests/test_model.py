@@ -215,7 +215,7 @@ def test_compiles_without_graph_breaks():
     assert explanation.graph_count == 1
 
 
-def test_dropout_only_in_training():
+def test_dropout_only_in_training(tmp_path):
     torch.manual_seed(0)
     plain = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
     dropped = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.2))
@@ -230,3 +230,8 @@ def test_dropout_only_in_training():
         a, b = dropped(idx)[0], dropped(idx)[0]
     assert not torch.equal(a, b)  # a fresh mask each forward pass
     assert not torch.allclose(a, plain(idx)[0], atol=1e-3)
+    # the exported Hugging Face model trains with the same dropout
+    from transformers import GPT2Config
+
+    hf = GPT2Config.from_pretrained(dropped.export_hf(str(tmp_path / "export")))
+    assert hf.resid_pdrop == hf.embd_pdrop == hf.attn_pdrop == 0.2
