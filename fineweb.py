@@ -18,7 +18,7 @@ Commands
     python fineweb.py --dataset input.txt --txt-docs paragraph --shard-size 100000 --out-dir shakespeare
     python fineweb.py --dataset my_corpus/ --text-column content     # .parquet/.jsonl/.json/.txt files
     python fineweb.py --verify             # check edu_fineweb10B/ against its manifest
-    python bench_fineweb.py                # speed: this builder vs the simple pool vs tiktoken alone
+    python -m bench.fineweb                # speed: this builder vs the simple pool vs tiktoken alone
     # fastest on many cores: the parquet files on local disk, decoded by the workers themselves
     hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" --local-dir fineweb-edu
     python fineweb.py --dataset fineweb-edu/sample/10BT

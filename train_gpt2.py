@@ -1076,7 +1076,7 @@ def check_batch_sizes(cfg: RunConfig, world_size: int) -> int:
 
 def forward_backward(model, optimizer, loader, grad_accum_steps: int, d: Dist, autocast, scaler=None):
     """Gradients of one optimizer step's batch: grad_accum_steps micro-batches of this rank.
-    Returns this rank's mean loss as a device tensor (no host sync). bench.py times this too."""
+    Returns this rank's mean loss as a device tensor (no host sync). bench/train.py times this too."""
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=d.device)
     for micro_step in range(grad_accum_steps):

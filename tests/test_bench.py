@@ -1,4 +1,4 @@
-"""bench.py: it runs end to end, and the peer it compares with does the same work as our model."""
+"""bench/train.py (python -m bench.train): it runs end to end, and the peer it compares with does the same work as our model."""
 import os
 import re
 import subprocess
@@ -14,7 +14,7 @@ TINY = ["--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", 
 
 
 def test_bench_prints_both_rows_and_ratio():
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *TINY, "--peer"], cwd=ROOT, env=env1(),
+    p = subprocess.run([sys.executable, "-m", "bench.train", *TINY, "--peer"], cwd=ROOT, env=env1(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = p.stdout
@@ -26,7 +26,7 @@ def test_bench_prints_both_rows_and_ratio():
 
 def test_peer_scores_the_same_targets():
     """With our weights copied into it, the peer's loss on (x, y) is our loss: the same next tokens."""
-    import bench
+    import bench.train as bench
     from train_gpt2 import GPT, GPTConfig
 
     args = bench.parse_args(TINY)

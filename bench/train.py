@@ -1,5 +1,5 @@
 """
-bench.py: training throughput of our GPT-2 (train_gpt2.GPT) beside Hugging Face's GPT2LMHeadModel.
+bench/train.py: training throughput of our GPT-2 (train_gpt2.GPT) beside Hugging Face's GPT2LMHeadModel.
 
 It times what training runs: a step is train_gpt2.forward_backward (micro-steps, autocast, backward)
 + clip_grad_norm_ + optimizer.step(), with the optimizer of configure_optimizer (fused AdamW), on
@@ -9,13 +9,13 @@ alternate with ours, so a busy machine slows both alike. Warm-up steps are not t
 compiles; its time is shown apart); CUDA is synchronized before every clock read.
 
 Commands
-    python bench.py                            # CPU: the shakespeare preset's model (4 x 4 x 128), B=8, T=128, fp32
-    python bench.py --compile                  # the same, both models torch.compiled
-    python bench.py --no-peer --steps 30       # ours only
-    python bench.py --model 124m -B 4 -T 256   # GPT-2 124M shapes (slow on a CPU)
-    python bench.py --device cuda              # a GPU: 124M, B=64, T=1024, bf16 autocast, compiled, TF32
-    python bench.py --device cuda --attn flash --profile prof   # force an SDPA kernel; write profiles to prof/
-    TORCH_LOGS=graph_breaks python bench.py --compile --no-peer --steps 2   # prints nothing more if no graph breaks
+    python -m bench.train                            # CPU: the shakespeare preset's model (4 x 4 x 128), B=8, T=128, fp32
+    python -m bench.train --compile                  # the same, both models torch.compiled
+    python -m bench.train --no-peer --steps 30       # ours only
+    python -m bench.train --model 124m -B 4 -T 256   # GPT-2 124M shapes (slow on a CPU)
+    python -m bench.train --device cuda              # a GPU: 124M, B=64, T=1024, bf16 autocast, compiled, TF32
+    python -m bench.train --device cuda --attn flash --profile prof   # force an SDPA kernel; write profiles to prof/
+    TORCH_LOGS=graph_breaks python -m bench.train --compile --no-peer --steps 2   # prints nothing more if no graph breaks
 
 Output: a row per model: parameters, first step (s, compilation included), median ms/step and its
 tokens/s over the timed steps, MFU, peak memory; then ours / peer, from the median step times.
@@ -324,7 +324,7 @@ def resolve(args) -> Dist:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("bench.py: error: --device cuda: no CUDA device is visible; use --device cpu")
+            raise SystemExit("bench/train.py: error: --device cuda: no CUDA device is visible; use --device cpu")
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     d = Dist(rank=0, local_rank=device.index or 0, world_size=1, device=device, device_type=device.type)

@@ -1,9 +1,9 @@
 """
-bench_generate.py: generation speed with and without the key/value cache, side by side.
+bench/generate.py: generation speed with and without the key/value cache, side by side.
 
-    python bench_generate.py                      # GPT-2 124M shapes (random weights), CPU
-    python bench_generate.py --device cuda --new-tokens 512
-    python bench_generate.py -m gpt2              # OpenAI's weights (needs the hub once)
+    python -m bench.generate                      # GPT-2 124M shapes (random weights), CPU
+    python -m bench.generate --device cuda --new-tokens 512
+    python -m bench.generate -m gpt2              # OpenAI's weights (needs the hub once)
 
 Both paths run on the same model, prompt and seed, alternating rounds; the script checks that they
 produce the same tokens and prints tokens/s of each and the speed-up.

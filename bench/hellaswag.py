@@ -1,5 +1,5 @@
 """
-bench_hellaswag.py: hellaswag.evaluate() against the straightforward scorer, same model, same examples.
+bench/hellaswag.py: hellaswag.evaluate() against the straightforward scorer, same model, same examples.
 
 The straightforward scorer takes one example at a time: four rows of context + ending, logits over
 the whole vocabulary at every position, cross-entropy over the ending positions (the way the
@@ -8,10 +8,10 @@ four endings, puts several examples in one batch, and projects onto the vocabula
 ending token is predicted. The benchmark prints examples/s of both, their ratio, and whether the
 predictions agree (they must: same numbers up to float rounding).
 
-    python bench_hellaswag.py                                  # small random GPT, first 200 val examples, CPU
-    python bench_hellaswag.py --every 50                       # 200 examples spread over the whole file
-    python bench_hellaswag.py -m path/to/hf_dir                # or --checkpoint log/model_19072.pt
-    python bench_hellaswag.py --device cuda --full-124m --limit 0 --batch-size 64   # all 10,042, GPT-2 124M shapes
+    python -m bench.hellaswag                                  # small random GPT, first 200 val examples, CPU
+    python -m bench.hellaswag --every 50                       # 200 examples spread over the whole file
+    python -m bench.hellaswag -m path/to/hf_dir                # or --checkpoint log/model_19072.pt
+    python -m bench.hellaswag --device cuda --full-124m --limit 0 --batch-size 64   # all 10,042, GPT-2 124M shapes
 
 Defaults: a random-weights GPT with n_layer=4, n_head=4, n_embd=256, block_size=1024; the first 200
 examples of ../shared/data/hellaswag_val.jsonl (--limit 0: all of them); fp32 (--bf16 for CUDA

@@ -1,9 +1,9 @@
 """
-bench_fineweb.py: how fast fineweb.py turns text into shards, next to two yardsticks.
+bench/fineweb.py: how fast fineweb.py turns text into shards, next to two yardsticks.
 
-    python bench_fineweb.py                              # ~45 MB corpus from ../shared/data
-    python bench_fineweb.py --corpus-mb 20 --repeat 1    # quicker
-    python bench_fineweb.py --data-dir /path/to/data --workers 8
+    python -m bench.fineweb                              # ~45 MB corpus from ../shared/data
+    python -m bench.fineweb --corpus-mb 20 --repeat 1    # quicker
+    python -m bench.fineweb --data-dir /path/to/data --workers 8
 
 It builds a local corpus of real text (Tiny Shakespeare paragraphs, and every HellaSwag context
 followed by each of its endings, as documents, repeated up to --corpus-mb) in a parquet file, then
