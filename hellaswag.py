@@ -72,8 +72,9 @@ def cache_dir() -> str:
     return os.environ.get("HELLASWAG_CACHE") or default
 
 
-def download(split: str = "val") -> str:
-    """Path of hellaswag_{split}.jsonl in the cache, downloaded first if it is not there."""
+def download(split: str = "val", fix: str = "pass --data FILE with a local copy") -> str:
+    """Path of hellaswag_{split}.jsonl in the cache, downloaded first if it is not there. `fix` ends
+    the error message when the download fails (it names the caller's flag)."""
     if split not in SPLITS:
         raise HellaSwagError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     folder = cache_dir()
@@ -93,7 +94,7 @@ def download(split: str = "val") -> str:
         os.remove(tmp)
         reason = getattr(e, "reason", None) or e
         raise HellaSwagError(
-            f"cannot download {url} ({reason}); without network, pass --data FILE with a local copy"
+            f"cannot download {url} ({reason}); without network, {fix}"
         ) from None
     return path
 
@@ -115,7 +116,8 @@ def check_example(example, where: str):
         raise HellaSwagError(f"{where}: 'label' must be an integer 0..{NUM_ENDINGS - 1}, got {label!r}")
 
 
-def load_examples(path: str | None = None, split: str = "val", limit: int | None = None) -> list[dict]:
+def load_examples(path: str | None = None, split: str = "val", limit: int | None = None,
+                  fix: str = "pass --data FILE with a local copy") -> list[dict]:
     """HellaSwag examples (dicts with at least ctx, endings, label) from a JSON-lines file.
 
     path None reads the cached download of `split` (downloading it first); a path reads that file
@@ -123,7 +125,7 @@ def load_examples(path: str | None = None, split: str = "val", limit: int | None
     Every line is checked; a bad one raises HellaSwagError naming the file and line number.
     """
     if path is None:
-        path = download(split)
+        path = download(split, fix)
     if not os.path.isfile(path):
         raise HellaSwagError(f"{path}: no such file")
     examples = []
@@ -164,6 +166,28 @@ class Rendered:
             tokens[i, : len(row)] = torch.tensor(row)
             mask[i, len(self.ctx) : len(row)] = 1
         return tokens, mask
+
+
+    def windows(self, block_size: int):
+        """(context, ending) of each ending as the model reads it, within block_size tokens.
+
+        The model reads context + ending without the ending's last token (it predicts nothing). An
+        example too long for that keeps, like lm-evaluation-harness, the last block_size + 1 tokens
+        of context + ending: the whole ending and the end of the context, cropped from the left (an
+        ending of more than block_size tokens is scored on its last block_size tokens). The
+        context is then per ending; otherwise it is the one shared context."""
+        out = []
+        for end in self.endings:
+            if len(self.ctx) + len(end) <= block_size + 1:
+                out.append((self.ctx, end))
+            else:
+                n = min(len(end), block_size)  # scored tokens: each needs one token before it
+                window = (self.ctx + end)[-(block_size + 1) :]
+                out.append((window[:-n], window[-n:]))
+        return out
+
+    def cropped(self, block_size: int) -> bool:
+        return len(self.ctx) + max(map(len, self.endings)) > block_size + 1
 
 
 def render_example(example: dict) -> Rendered:
@@ -208,19 +232,20 @@ def pack(batch: list[Rendered], block_size: int) -> PackedBatch:
     restart for every ending), so a row scores all four endings with one copy of the context. The
     first token of every ending is predicted by the context's last token (one position, four
     targets); an ending's last token predicts nothing, so it is left out of the row. An example
-    whose endings do not fit in block_size tokens continues on another row that repeats the context."""
+    whose endings do not fit in block_size tokens continues on another row that repeats the
+    context; an example cropped to fit (Rendered.windows) has a row per ending."""
     rows, positions, segments = [], [], []
-    src_row, src_col, pred, target, owner = [], [], [], [], []
+    src_row, src_col, pred, target, owner, lengths = [], [], [], [], [], []
     for b, ex in enumerate(batch):
-        L = len(ex.ctx)
-        row = None
-        for i, end in enumerate(ex.endings):
-            assert L + len(end) <= block_size, "context + ending longer than block_size (evaluate checks this)"
-            if row is None or len(rows[row]) + len(end) - 1 > block_size:
-                rows.append(list(ex.ctx))
+        row, row_ctx = None, None
+        lengths.append([])
+        for i, (ctx, end) in enumerate(ex.windows(block_size)):
+            L = len(ctx)
+            if row is None or ctx != row_ctx or len(rows[row]) + len(end) - 1 > block_size:
+                rows.append(list(ctx))
                 positions.append(list(range(L)))
                 segments.append([0] * L)
-                row = len(rows) - 1
+                row, row_ctx = len(rows) - 1, ctx
                 src_row.append(row)
                 src_col.append(L - 1)
                 ctx_last = len(src_row) - 1  # predicts the first token of each ending in this row
@@ -232,6 +257,7 @@ def pack(batch: list[Rendered], block_size: int) -> PackedBatch:
             src_col += range(start, start + len(end) - 1)
             target += end
             owner += [NUM_ENDINGS * b + i] * len(end)
+            lengths[-1].append(len(end))
             rows[row] += end[:-1]
             positions[row] += range(L, L + len(end) - 1)
             segments[row] += [1 + i] * (len(end) - 1)
@@ -244,7 +270,6 @@ def pack(batch: list[Rendered], block_size: int) -> PackedBatch:
         idx[r, :n] = torch.tensor(rows[r])
         pos[r, :n] = torch.tensor(positions[r])
         segment[r, :n] = torch.tensor(segments[r])
-    lengths = [[len(e) for e in ex.endings] for ex in batch]
     vectors = (torch.tensor(x, dtype=torch.long) for x in (src_row, src_col, pred, target, owner, lengths))
     return PackedBatch(idx, pos, segment, *vectors)
 
@@ -300,17 +325,14 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
 
     Rank r scores examples r, r + world_size, ...; with world_size > 1 the per-example losses are
     summed over ranks (torch.distributed must be initialised), so every rank returns the totals.
-    Returns n, correct, correct_norm, acc, acc_norm, the per-example sum_loss and mean_loss
+    Examples longer than the model's block_size are cropped (Rendered.windows); `cropped` counts them.
+    Returns n, cropped, correct, correct_norm, acc, acc_norm, the per-example sum_loss and mean_loss
     (n, 4) tensors, and predictions: a list of {index, label, pred, pred_norm}.
     """
     n = len(examples)
     mine = list(range(rank, n, world_size))
     rendered = {i: render_example(examples[i]) for i in mine}
-    block_size = model.config.block_size
-    for i, r in rendered.items():
-        if len(r.ctx) + max(map(len, r.endings)) > block_size:
-            raise ValueError(f"example {i}: context + ending is {len(r.ctx) + max(map(len, r.endings))} tokens, "
-                             f"more than the model's block_size {block_size}")
+    cropped = sum(r.cropped(model.config.block_size) for r in rendered.values())
     # longest first: batches of similar lengths waste little padding, and a batch too big for the
     # device's memory fails at once, not at the end
     mine.sort(key=lambda i: -(len(rendered[i].ctx) + sum(map(len, rendered[i].endings))))
@@ -330,6 +352,9 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
         table = torch.stack([sum_loss, mean_loss]).to(device)  # (2, n, 4)
         dist.all_reduce(table, op=dist.ReduceOp.SUM)
         sum_loss, mean_loss = table.cpu()
+        count = torch.tensor(cropped, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        cropped = int(count)
     labels = torch.tensor([ex["label"] for ex in examples], dtype=torch.long)
     pred = sum_loss.argmin(dim=1)  # ties go to the first ending, as with argmin anywhere else
     pred_norm = mean_loss.argmin(dim=1)
@@ -337,6 +362,7 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
     correct_norm = int((pred_norm == labels).sum())
     return {
         "n": n,
+        "cropped": cropped,
         "correct": correct,
         "correct_norm": correct_norm,
         "acc": correct / max(n, 1),
@@ -355,42 +381,29 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy (completion style) of a GPT-2 model")
+    from train_gpt2 import OneLineParser
+
+    parser = OneLineParser(prog="hellaswag.py", description="HellaSwag accuracy (completion style) of a GPT-2 model")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("-m", "--model", default=None,
-                        help="Hugging Face model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local HF directory (default gpt2)")
+                        help="Hugging Face model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local HF directory "
+                        "(default gpt2)")
     source.add_argument("--checkpoint", default=None, help="a train_gpt2.py checkpoint (.pt)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="autocast precision (auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, fp32 "
+                        "on CPU and MPS)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (at least 1)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples (0: all)")
     parser.add_argument("--data", default=None, help="a local HellaSwag JSON-lines file instead of the download")
     parser.add_argument("--split", default="val", choices=SPLITS, help="which split to download (default val)")
     parser.add_argument("--out", default=None, help="write n, acc, acc_norm and per-example predictions to this JSON file")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.limit is not None and args.limit < 0:
+        parser.error(f"--limit {args.limit}: must be at least 0 (0: all examples)")
     return args
-
-
-def setup(device_arg: str):
-    """(rank, world_size, device): torch.distributed initialised when launched by torchrun."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_arg == "auto":
-        if torch.cuda.is_available():
-            device_arg = f"cuda:{local_rank}" if distributed else "cuda"
-        elif torch.backends.mps.is_available():
-            device_arg = "mps"
-        else:
-            device_arg = "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
 
 
 def load_model(args, device):
@@ -412,37 +425,49 @@ def load_model(args, device):
 
 
 def run(args):
-    rank, world_size, device = setup(args.device)
+    # The command line borrows the model, the checkpoint reader, the device setup and the precision
+    # decision from train_gpt2.py. Nothing above needs them, so train_gpt2.py imports this file, never
+    # the other way round.
+    import train_gpt2
+
+    d = train_gpt2.setup_distributed(args.device)
     try:
         examples = load_examples(args.data, split=args.split, limit=args.limit)
-        model = load_model(args, device)
-        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-        if rank == 0:
+        model = load_model(args, d.device)
+        dtype = train_gpt2.autocast_dtype(d.device, args.dtype)
+        autocast = train_gpt2.autocast_context(d.device_type, dtype)
+        if d.is_main:
             source = args.checkpoint or args.model or "gpt2"
             print(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
-                  f"device {device}, {world_size} process(es)")
+                  f"device {d.device} ({train_gpt2.dtype_name(dtype)}), {d.world_size} process(es)")
         t0 = time.time()
-        result = evaluate(model, examples, device=device, batch_size=args.batch_size, autocast=autocast,
-                          rank=rank, world_size=world_size, progress=rank == 0)
+        result = evaluate(model, examples, device=d.device, batch_size=args.batch_size, autocast=autocast,
+                          rank=d.rank, world_size=d.world_size, progress=d.is_main)
         elapsed = time.time() - t0
-        if rank == 0:
+        if d.is_main:
+            if result["cropped"]:
+                print(f"{result['cropped']} of {result['n']} examples are longer than the model's block_size "
+                      f"{model.config.block_size}: their contexts were cropped from the left")
             print(f"scored {result['n']} examples in {elapsed:.1f} s ({result['n'] / max(elapsed, 1e-9):.1f} examples/s)")
             if args.out:
-                record = {k: result[k] for k in ("n", "correct", "correct_norm", "acc", "acc_norm", "predictions")}
-                record = {"split": args.split, "data": args.data, "model": args.checkpoint or args.model or "gpt2", **record}
+                record = {k: result[k] for k in ("n", "cropped", "correct", "correct_norm", "acc", "acc_norm",
+                                                 "predictions")}
+                record = {"split": args.split, "data": args.data, "model": args.checkpoint or args.model or "gpt2",
+                          **record}
                 with open(args.out, "w") as f:
                     json.dump(record, f)
             print(f"hellaswag {args.split}: n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f}")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        train_gpt2.cleanup_distributed()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    from train_gpt2 import ConfigError
+
     try:
         run(args)
-    except (HellaSwagError, OSError, ValueError) as e:
+    except (HellaSwagError, ConfigError, OSError, ValueError) as e:
         print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(1)
 

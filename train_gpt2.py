@@ -22,12 +22,15 @@ Every flag and its default: python train_gpt2.py --help. Logs and checkpoints go
 (log.txt has one record per line: `STEP train LOSS`, `STEP val LOSS`, `STEP hella ACC`).
 """
 import argparse
+import inspect
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +41,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
+from fineweb import _atomic_write as atomic_write  # TODO: public after the fineweb rewrite
 
 # -----------------------------------------------------------------------------------------------
 # Model
@@ -558,21 +564,40 @@ class DataLoader:
             j = int(self._perms[a][j])
         return a, j * self.T
 
-    def batch(self, seq_numbers):
-        """Sequences by global number -> (x, y) int64 tensors of shape (len, T)."""
+    def tokens(self, seq_numbers) -> np.ndarray:
+        """Sequences by global number -> uint16 array (len, T + 1), every id checked.
+
+        Checking each batch as it is read costs a max() over B x (T + 1) ints (measured: see the
+        README); checking whole shards up front would read all 20 GB of FineWeb-Edu before step 0."""
         rows = []
         for g in seq_numbers:
             a, start = self.locate(int(g))
             rows.append(self.arrays[a][start : start + self.T + 1])  # uint16 view of the memory map
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # only this batch becomes int64
+        tokens = np.stack(rows)
+        if tokens.max(initial=0) >= GPT2_VOCAB_SIZE:
+            r, c = np.argwhere(tokens >= GPT2_VOCAB_SIZE)[0]
+            a, start = self.locate(int(seq_numbers[r]))
+            raise DataError(f"{self.names[a]}: token id {tokens[r, c]} at position {start + c:,} is not a GPT-2 token "
+                            f"(ids must be < {GPT2_VOCAB_SIZE}): rebuild the shard with `python fineweb.py`")
+        return tokens
+
+    def batch(self, seq_numbers, device=None):
+        """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`."""
+        buf = torch.from_numpy(self.tokens(seq_numbers).astype(np.int64))  # only this batch becomes int64
+        if device is not None and device.type == "cuda":
+            # one copy of the contiguous (B, T + 1) block from pinned (page-locked) memory: it runs
+            # asynchronously, overlapping the GPU's work; x and y are views of it on the GPU
+            buf = buf.pin_memory().to(device, non_blocking=True)
+        elif device is not None:
+            buf = buf.to(device)
         return buf[:, :-1], buf[:, 1:]
 
     # --- training -----------------------------------------------------------------------------
 
-    def next_batch(self):
-        """This rank's next micro-batch (x, y), each (B, T)."""
+    def next_batch(self, device=None):
+        """This rank's next micro-batch (x, y), each (B, T), on `device`."""
         first = self.position + (self.micro_step * self.world_size + self.rank) * self.B
-        x, y = self.batch(range(first, first + self.B))
+        x, y = self.batch(range(first, first + self.B), device)
         self.micro_step += 1
         if self.micro_step == self.grad_accum_steps:
             self.micro_step = 0
@@ -593,15 +618,24 @@ def load_shards(data_dir, split, T):
 
 
 def load_text(path: str, val_fraction: float = 0.1):
-    """A plain text file as one document: tokenized once; the last 10% of tokens is validation."""
+    """A UTF-8 text file as one document: tokenized once; the last 10% of tokens is validation."""
     from fineweb import EOT, gpt2_tokenizer
 
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder: pass --input with a text file (or build shards with `python fineweb.py`)")
     if not os.path.isfile(path):
         if os.path.basename(path) != "input.txt":
             raise DataError(f"{path}: no such file: pass --input with a plain text file")
         download_tiny_shakespeare(path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input with a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert it to UTF-8 "
+                        f"(for example `iconv -f latin1 -t utf-8`) or pass another --input") from None
     ids = np.array([EOT] + gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
     n_train = int(len(ids) * (1 - val_fraction))
     return ids[:n_train], ids[n_train:]
@@ -624,13 +658,12 @@ def download_tiny_shakespeare(path: str):
         ) from None
 
 
-def check_enough(arrays, names, split, T, seqs_needed, fix):
-    have = sum((len(a) - 1) // T for a in arrays)
-    if have < seqs_needed:
-        raise DataError(
-            f"{', '.join(names[:3])}{'...' if len(names) > 3 else ''}: the {split} split has {have} sequences "
-            f"of T={T} tokens, fewer than the {seqs_needed} one {'optimizer step' if split == 'train' else 'evaluation'} needs; {fix}"
-        )
+def count_sequences(arrays, T: int) -> int:
+    return sum((len(a) - 1) // T for a in arrays)
+
+
+def describe(names) -> str:
+    return ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -658,11 +691,13 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast, 
 
     Rank r takes sequences r, r + world, ...; batches keep the training shape (B, T), the last one
     padded with targets of -1 (ignored), so a compiled model sees no new shape. Summed losses and
-    token counts are all-reduced, so the mean is over exactly the same tokens on 1 or 8 GPUs.
+    token counts are all-reduced, so the mean is over exactly the same tokens on 1 or 8 GPUs. Each
+    batch's sum is fp32 on the device (MPS has no float64); the batches are added up in float64 on
+    the host.
     """
     mine = list(range(rank, num_seqs, world_size))
     B, T = loader.B, loader.T
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    sums = []  # per batch: (summed loss, scored tokens), fp32 on the device
     for i in range(0, len(mine), B):
         x, y = loader.batch(mine[i : i + B])
         if len(x) < B:  # pad to the training shape; padded rows score nothing
@@ -671,10 +706,12 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast, 
             y = torch.cat([y, torch.full((pad, T), -1, dtype=y.dtype)])
         x, y = x.to(device), y.to(device)
         with autocast:
-            _, loss = model(x, y)
-        n = (y != -1).sum()
-        total += torch.stack([loss.double() * n, n.double()])
+            _, loss = model(x, y, return_logits=False)  # a compiled model would otherwise output all logits
+        n = (y != -1).sum().float()
+        sums.append(torch.stack([loss.float() * n, n]))
+    total = torch.stack(sums).cpu().double().sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
     if world_size > 1:
+        total = total.to(device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return (total[0] / total[1]).item()
 
@@ -692,22 +729,29 @@ def sample_text(model, enc, prompt, num_samples, max_new_tokens, device, autocas
 
 
 # -----------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the run folder
 
 CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
 CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{6,})\.pt")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (truncated, foreign, or for another model)."""
 
 
-def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint dict written by this script, or raise CheckpointError naming the file."""
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by this script, or raise CheckpointError naming the file.
+
+    Always onto the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
+    torch.cuda.set_rng_state take nothing else), and load_state_dict copies weights and optimizer
+    state to wherever the model lives."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, random bytes, a pickle of something else...
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(e).__name__}); it may be truncated by a crash "
@@ -743,59 +787,142 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def atomic_write(path: str, write):
-    """write(file) into path.tmp, flush and fsync, then rename over path: a crash leaves either the
-    old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
 def checkpoint_path(log_dir: str, step: int) -> str:
     return os.path.join(log_dir, f"ckpt_{step:06d}.pt")
 
 
+def checkpoint_steps(log_dir: str) -> list[int]:
+    """Steps of the checkpoints in a folder, oldest first."""
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    return sorted(int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
+
+
 def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
-    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints."""
+    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints.
+
+    A failed write (a full disk) is a CheckpointError; `latest` still names the previous checkpoint,
+    which is untouched."""
     path = checkpoint_path(log_dir, state["step"])
-    atomic_write(path, lambda f: torch.save(state, f))
-    # "latest" is updated only once the checkpoint it names is complete on disk
-    atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+        # "latest" is updated only once the checkpoint it names is complete on disk
+        atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        free = shutil.disk_usage(log_dir).free / 1e9
+        previous = [s for s in checkpoint_steps(log_dir) if s != state["step"]]
+        kept = f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in {log_dir}); {kept}: "
+                              f"free some space, then continue with --resume auto") from None
     if keep > 0:
-        ckpts = sorted(n for n in os.listdir(log_dir) if re.fullmatch(r"ckpt_\d{6}\.pt", n))
-        for old in ckpts[:-keep]:
-            os.remove(os.path.join(log_dir, old))
+        # the newest `keep` checkpoints up to this one stay; later ones (left when a run was resumed from
+        # an earlier checkpoint) are not this run's to delete
+        older = [s for s in checkpoint_steps(log_dir) if s < state["step"]]
+        for step in older[: max(0, len(older) - (keep - 1))]:
+            os.remove(checkpoint_path(log_dir, step))
     return path
 
 
-def latest_checkpoint(log_dir: str) -> str | None:
-    """The checkpoint LOG_DIR/latest names, or None when the run has none yet."""
+def latest_checkpoint(log_dir: str, say=lambda *a: None) -> str | None:
+    """The checkpoint LOG_DIR/latest names (it is updated only after a complete save), else the one of
+    the highest step; None when the folder has none."""
     pointer = os.path.join(log_dir, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(log_dir, f.read().strip())
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{pointer} names {path}, which does not exist: pass --resume PATH with a checkpoint")
-    return path
+    if os.path.isdir(pointer):
+        raise CheckpointError(f"{pointer}: a folder where a file naming the latest checkpoint belongs: remove it")
+    if os.path.isfile(pointer):
+        with open(pointer, "rb") as f:
+            name = f.read(200).decode("utf-8", "replace").strip()
+        if CHECKPOINT_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
+            return os.path.join(log_dir, name)
+        say(f"warning: {pointer} names {name!r}, which is not a checkpoint in {log_dir}; using the newest one")
+    steps = checkpoint_steps(log_dir)
+    return checkpoint_path(log_dir, steps[-1]) if steps else None
+
+
+def find_resume_checkpoint(log_dir: str, say) -> tuple[str | None, dict | None]:
+    """--resume auto: (path, contents) of the latest checkpoint, or of the newest readable one if that
+    one is damaged; (None, None) when the folder has none."""
+    path = latest_checkpoint(log_dir, say)
+    candidates = [path] + [checkpoint_path(log_dir, s) for s in reversed(checkpoint_steps(log_dir))] if path else []
+    for path in dict.fromkeys(candidates):  # in order, without repeats
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            say(f"warning: {e}; trying an older one")
+    return None, None
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def is_run_file(name: str) -> bool:
+    """A file a training run writes into its --log-dir."""
+    return name in ("log.txt", "latest") or bool(CHECKPOINT_NAME.fullmatch(name)) or name.startswith("events.out.tfevents.")
+
+
+class RunFolder:
+    """The --log-dir of one run: a writable folder, locked by rank 0 while the run lives.
+
+    The lock is an flock on LOG_DIR/.lock, which the kernel drops when the process dies in any way
+    (kill -9 included), so it never outlives its run; the file holds the owner's pid for the error
+    message. Another run's files (log.txt, latest, checkpoints, TensorBoard events) in the folder
+    stop a new run unless it resumes (--resume) or clears them (--overwrite)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock_fd = None
+
+    def check_path(self):
+        """Usable as a folder? (Checked before anything is built.)"""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"--log-dir {self.path}: a file, not a folder; pass another --log-dir")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir") from None
+
+    def lock(self):
+        """Become the folder's one writer, or raise ConfigError naming the process that is."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the folder is not locked there
+            return
+        lock_path = os.path.join(self.path, ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another --log-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for it to end, "
+                              f"or pass another --log-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd  # held open (and locked) until the process exits
+
+    def claim(self, resuming: bool, overwrite: bool, say):
+        """Refuse another run's files, or delete them with --overwrite; remove temporary files that a
+        killed save left behind."""
+        names = sorted(os.listdir(self.path))
+        theirs = [n for n in names if is_run_file(n)]
+        if theirs and not resuming:
+            if not overwrite:
+                ckpts = sum(bool(CHECKPOINT_NAME.fullmatch(n)) for n in theirs)
+                raise ConfigError(
+                    f"--log-dir {self.path} holds another run ({', '.join(theirs[:3])}{'...' if len(theirs) > 3 else ''}; "
+                    f"{ckpts} checkpoint(s)): continue it with --resume auto, pass another --log-dir, or pass "
+                    f"--overwrite to delete that run first")
+            for n in theirs:
+                os.remove(os.path.join(self.path, n))
+            say(f"--overwrite: deleted {len(theirs)} file(s) of the previous run in {self.path}")
+        for n in names:
+            if n.startswith(".") and n.endswith(".tmp"):  # a save killed half way
+                os.remove(os.path.join(self.path, n))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -824,7 +951,7 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
     the process group: NCCL on CUDA, gloo on CPU."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device_arg == "cuda" and not torch.cuda.is_available():
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if device_arg == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
@@ -832,9 +959,14 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ["WORLD_SIZE"])
-    device = torch.device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise ConfigError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":  # under torchrun, each process takes the GPU of its local rank
+        device = torch.device("cuda", local_rank if world_size > 1 or device.index is None else device.index)
         torch.cuda.set_device(device)
     if world_size > 1:
         if device.type == "mps":
@@ -848,13 +980,54 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def autocast_context(device_type: str):
-    """The one autocast context for every forward pass: bf16 on CUDA (fp16 where the GPU has no
-    bf16; then a GradScaler is needed), nothing (fp32) on CPU and MPS."""
-    if device_type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return nullcontext()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The one precision decision (training, hellaswag.py and the benchmarks ask here): the dtype
+    of the matmuls in every forward pass. `auto` gives bf16 on a GPU with bf16 tensor cores
+    (compute capability 8.0 or higher: A100, H100, RTX 30xx/40xx), fp16 on older GPUs (V100, T4;
+    torch.cuda.is_bf16_supported() answers True there since torch 2.4 because it counts emulation,
+    which is many times slower), and fp32 on CPU and MPS (no fast bf16 there). Weights, optimizer
+    state and the loss stay fp32 whatever the dtype."""
+    if requested not in ("auto", *DTYPES):
+        raise ConfigError(f"--dtype {requested}: choose auto, {', '.join(DTYPES)}")
+    if device.type == "cuda":
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        if requested == "bf16" and major < 8:
+            raise ConfigError(f"--dtype bf16: {name} (compute capability {major}.{minor}) has no bf16 hardware; "
+                              f"use --dtype fp16 (or auto)")
+        if requested == "auto":
+            return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float32 if requested == "auto" else DTYPES[requested]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def autocast_context(device_type: str, dtype: torch.dtype):
+    """The one autocast context, built once and entered around every forward pass (none for fp32)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def grad_scaler(device_type: str, dtype: torch.dtype):
+    """fp16 has 5 exponent bits: small gradients underflow to 0 and big ones overflow. A GradScaler
+    multiplies the loss by a large scale before backward, unscales the gradients before clipping,
+    skips any step whose gradients overflowed and then halves the scale (it doubles it again after
+    2,000 clean steps). bf16 has fp32's range and fp32 needs nothing: None for those."""
+    return torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
+
+
+def synchronize(device: torch.device):
+    """Wait for the device's queued work: GPU work is asynchronous, so a clock read without this
+    times only the launching of kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def keep_freed_memory():
@@ -878,27 +1051,63 @@ def keep_freed_memory():
     return bool(ok)
 
 
-# dense bf16 peak of one GPU, FLOP/s, for MFU
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12,
-                 "A800": 312e12, "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+# Dense (no sparsity) peak FLOP/s of one GPU at the precision training uses there: bf16 with fp32
+# accumulation, or fp16 on GPUs older than Ampere (V100, T4). From NVIDIA's data sheets.
+GPU_PEAK_FLOPS = {
+    "H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12,
+    "GH200": 989e12, "H800": 989e12, "H800 PCIe": 756e12, "B200": 2250e12,
+    "A100": 312e12, "A800": 312e12, "A10": 125e12, "A40": 149.7e12, "RTX A6000": 154.8e12,
+    "L4": 121e12, "L40": 181e12, "L40S": 362e12, "RTX 6000": 364.2e12,  # RTX 6000 = RTX 6000 Ada
+    "RTX 3090": 71e12, "RTX 4090": 165.2e12,
+    "V100": 125e12, "V100 PCIe": 112e12, "V100S": 130e12, "T4": 65e12,
+}
 
 
-def device_peak_flops(d: Dist) -> float | None:
-    if d.device_type != "cuda":
+def peak_flops(device_name: str) -> float | None:
+    """Peak FLOP/s (GPU_PEAK_FLOPS) of a GPU from its torch.cuda.get_device_name(), or None if unknown.
+
+    Matched on the exact model, never a substring (an "L40S" is not an "L4"): the vendor words are
+    dropped, the first word (two for "RTX 4090"-style names) is the model, and a PCIe or NVL form
+    factor, which runs at a lower clock, is added when the name says so. "NVIDIA H100 80GB HBM3" ->
+    "H100", "NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100", "NVIDIA GeForce
+    RTX 4090" -> "RTX 4090"."""
+    words = [w for w in re.split(r"[\s\-_]+", device_name.upper()) if w and w not in ("NVIDIA", "TESLA", "GEFORCE")]
+    if not words:
         return None
-    name = torch.cuda.get_device_name(d.device)
-    for key, flops in GPU_BF16_PEAK.items():
-        if key in name:
-            return flops / 2 if ("H100" in name and "PCIe" in name) else flops
-    return None
+    model = " ".join(words[:2]) if words[0] in ("RTX", "QUADRO") and len(words) > 1 else words[0]
+    form = next((f for f in ("PCIE", "NVL") if f in words[1:]), None)
+    table = {key.upper(): flops for key, flops in GPU_PEAK_FLOPS.items()}
+    if form and f"{model} {form}" in table:
+        return table[f"{model} {form}"]
+    return table.get(model)
+
+
+LOG_RECORD = re.compile(r"(\d+) (\w+) (\S+)")
+TENSORBOARD_TAGS = {"train": "loss/train", "val": "loss/val", "hella": "hellaswag/acc_norm"}
+
+
+def parse_record(line: str):
+    """A log.txt line -> (step, kind, value), or None for a line that is not a record."""
+    m = LOG_RECORD.fullmatch(line.strip())
+    if not m:
+        return None
+    try:
+        return int(m[1]), m[2], float(m[3])
+    except ValueError:
+        return None
 
 
 class RunLog:
-    """print0 (rank 0 prints) and LOG_DIR/log.txt: one record per line, `STEP KIND VALUE`."""
+    """print0 (rank 0 prints) and the run's records: LOG_DIR/log.txt, one `STEP KIND VALUE` per line,
+    and with --tensorboard the same values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars
+    in LOG_DIR. With log_dir None (--eval-only) it only prints."""
 
-    def __init__(self, log_dir: str, is_main: bool):
+    def __init__(self, log_dir: str | None, is_main: bool, tensorboard: bool = False):
         self.is_main = is_main
-        self.path = os.path.join(log_dir, "log.txt")
+        self.log_dir = log_dir if is_main else None
+        self.path = os.path.join(log_dir, "log.txt") if self.log_dir else None
+        self.tensorboard = tensorboard
+        self.writer = None
 
     def print0(self, *args):
         if self.is_main:
@@ -906,19 +1115,47 @@ class RunLog:
 
     def start(self, header_lines, resume_step=None):
         """New run: write the header. Resumed run: keep records before resume_step, append."""
-        if not self.is_main:
+        if self.path is None:
             return
-        kept = []
+        kept, skipped = [], 0
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                # records of steps after the checkpoint were made by the lost part of the run
-                kept = [ln for ln in f if ln.startswith("#") or int(ln.split()[0]) < resume_step]
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    record = parse_record(line)
+                    if line.startswith("#"):
+                        kept.append(line)
+                    elif record is None:
+                        skipped += line.strip() != ""
+                    elif record[0] < resume_step:  # later records were made by the lost part of the run
+                        kept.append(line)
+            if skipped:
+                self.print0(f"warning: {self.path}: dropped {skipped} line(s) that are not `STEP KIND VALUE` records")
         atomic_write(self.path, lambda f: f.write("".join(kept + [f"# {h}\n" for h in header_lines]).encode()))
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides the earlier files' points from this step on (the lost part
+            # of an interrupted run), so a resumed run continues the same curves
+            self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
 
     def record(self, step: int, kind: str, value: float):
-        if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumed runs compare exactly
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumed runs compare exactly
+        if self.writer and kind in TENSORBOARD_TAGS:
+            self.writer.add_scalar(TENSORBOARD_TAGS[kind], value, step)
+
+    def scalars(self, step: int, **values):
+        """TensorBoard-only values of a step (lr, grad_norm, tokens_per_sec, mfu)."""
+        if self.writer:
+            for tag, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
 
 
 def run_header(argv, d: Dist) -> list[str]:
@@ -936,27 +1173,58 @@ def run_header(argv, d: Dist) -> list[str]:
     return [
         f"command: {' '.join(argv)}",
         f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, tiktoken {tiktoken.__version__}",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+        f"tiktoken {tiktoken.__version__}",
         f"device: {device} x {d.world_size}",
         f"git: {commit or 'unknown'}",
     ]
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves a checkpoint and exits 0.
-    A second SIGINT stops at once."""
+    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop: the loop finishes its step, saves a checkpoint
+    and exits 0. A second Ctrl-C exits at once; checkpoints are written atomically, so the last
+    complete one stays loadable.
+
+    Python runs a signal handler only between bytecodes, so two Ctrl-C's during one long operation
+    reach it once. Every signal does reach the C level, which writes its number into a wakeup pipe
+    (signal.set_wakeup_fd): a thread reading that pipe counts each one."""
 
     def __init__(self):
         self.requested = False
 
     def install(self):
-        def handler(signum, frame):
-            if self.requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.requested = True
-
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # the C-level handler must never block
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+            signal.signal(sig, lambda signum, frame: None)  # no KeyboardInterrupt: the thread decides
+        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="stop-request").start()
+
+    def _watch(self, read_fd: int):
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum == signal.SIGINT and self.requested:
+                    print("second interrupt: exiting now", file=sys.stderr, flush=True)
+                    os._exit(130)
+                self.requested = True
+
+
+def on_rank0(d: Dist, work):
+    """work() on rank 0 only; if it raises a ConfigError or CheckpointError, every rank raises it
+    (so that no rank waits forever in a collective for one that has exited)."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = work()
+        except (ConfigError, CheckpointError) as e:
+            error = e
+    if d.ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 class ConfigError(ValueError):
@@ -964,63 +1232,16 @@ class ConfigError(ValueError):
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (for example, too many non-finite losses in a row)."""
+    """Training cannot go on (non-finite losses or weights); the message names the last good checkpoint."""
 
 
 # -----------------------------------------------------------------------------------------------
 # Command line
 
-
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class RunConfig:
-    preset: str = arg("gpt2-124m", "settings to start from: " + ", ".join(["gpt2-124m", "shakespeare"]) + "; flags override it")
-    # data
-    data_dir: str = arg("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
-    input: str = arg("", "train on this plain text file instead of shards (last 10%% is validation); input.txt is downloaded if missing")
-    # model
-    init_from: str = arg("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 folder (fine-tuning)")
-    n_layer: int = arg(12, "transformer blocks")
-    n_head: int = arg(12, "attention heads")
-    n_embd: int = arg(768, "model width (channels)")
-    dropout: float = arg(0.0, "dropout probability in training (0 = off; against overfitting on small data)")
-    block_size: int = arg(0, "position-table size (tokens); 0 = --seq-len")
-    # batch
-    batch_size: int = arg(64, "micro-batch B (sequences per forward pass per process)")
-    seq_len: int = arg(1024, "sequence length T (tokens)")
-    total_batch_size: int = arg(524288, "tokens per optimizer step, over all processes and micro-steps")
-    # optimization
-    max_steps: int = arg(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)")
-    warmup_steps: int = arg(715, "linear LR warmup steps")
-    max_lr: float = arg(6e-4, "peak learning rate; decays by cosine to 10%% of it")
-    weight_decay: float = arg(0.1, "AdamW weight decay of 2-D parameters")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this")
-    seed: int = arg(1337, "seed of the initial weights and of the data order")
-    # periodic work (0 = off; each also runs on the last step)
-    val_every: int = arg(250, "validation loss every N steps")
-    val_tokens: int = arg(10485760, "validation tokens per evaluation (a fixed set, whatever the world size)")
-    hellaswag_every: int = arg(250, "HellaSwag accuracy every N steps")
-    hellaswag_data: str = arg("", "local HellaSwag JSON-lines file (default: the downloaded validation set)")
-    hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)")
-    sample_every: int = arg(250, "print 4 samples of 32 tokens every N steps")
-    checkpoint_every: int = arg(1000, "checkpoint every N steps")
-    keep_checkpoints: int = arg(3, "keep the last N checkpoints (0 = all)")
-    # run
-    log_dir: str = arg("log", "folder of log.txt and checkpoints")
-    device: str = arg("auto", "auto, cpu, cuda or mps")
-    compile: bool = arg(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
-    resume: str = arg("", "'auto' (latest checkpoint in --log-dir, if any) or a checkpoint path")
-    max_bad_steps: int = arg(5, "stop after this many non-finite losses in a row")
-    inject_nan: str = arg("", "testing aid: comma-separated steps whose loss is made NaN")
-
-
 PRESETS = {
-    # GPT-2 124M on 10B tokens of FineWeb-Edu: 19073 steps of 2**19 tokens (the dataclass defaults)
+    # GPT-2 124M on 10B tokens of FineWeb-Edu: 19073 steps of 2**19 tokens (the RunConfig defaults)
     "gpt2-124m": {},
-    # Tiny Shakespeare on a laptop CPU: a small model that learns visibly within minutes
+    # Tiny Shakespeare (or any --input text) on a laptop CPU: a small model that learns within minutes
     "shakespeare": dict(
         # Tuned on a 2-core CPU (about 7 minutes there). At equal tokens, 1,024-token steps beat 2,048
         # (val 4.82 vs 5.13 after 1.6M tokens) and 512; dropout 0.1 helps a little (each token is
@@ -1032,39 +1253,139 @@ PRESETS = {
         val_tokens=32768, hellaswag_every=0, sample_every=400, checkpoint_every=400,
     ),
 }
+NO_PROBE_MICRO_BATCH = 8  # --batch-size auto where no memory probe runs (CPU, MPS): at most this
+
+
+def arg(default, help, *, at_least=None, above=None, below=None, choices=None, parse=None):
+    """A RunConfig field: its default, its --help text, and the values it allows."""
+    return field(default=default, metadata=dict(help=help, at_least=at_least, above=above, below=below,
+                                                choices=choices, parse=parse))
+
+
+def batch_size_value(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto or a whole number of at least 1")
+    return value
+
+
+@dataclass
+class RunConfig:
+    preset: str = arg("gpt2-124m", "settings to start from; flags override them (--input alone starts from shakespeare)",
+                      choices=tuple(PRESETS))
+    # data
+    data_dir: str = arg("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
+    input: str = arg("", "train on this UTF-8 text file instead of shards (last 10%% is validation); "
+                     "input.txt is downloaded if missing")
+    # model
+    init_from: str = arg("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 "
+                         "folder (fine-tuning)")
+    n_layer: int = arg(12, "transformer blocks", at_least=1)
+    n_head: int = arg(12, "attention heads", at_least=1)
+    n_embd: int = arg(768, "model width (channels), a multiple of --n-head", at_least=1)
+    dropout: float = arg(0.0, "dropout probability in training (0 = off; against overfitting on small data)",
+                         at_least=0, below=1)
+    block_size: int = arg(0, "position-table size (tokens); 0 = --seq-len", at_least=0)
+    # batch
+    batch_size: int | str = arg("auto", "micro-batch B (sequences per forward pass per process); auto: on CUDA the "
+                                "largest that fits in memory, else at most 8", parse=batch_size_value)
+    seq_len: int = arg(1024, "sequence length T (tokens)", at_least=1)
+    total_batch_size: int = arg(524288, "tokens per optimizer step, over all processes and micro-steps", at_least=1)
+    # optimization
+    max_steps: int = arg(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", at_least=1)
+    warmup_steps: int = arg(715, "linear LR warmup steps", at_least=0)
+    max_lr: float = arg(6e-4, "peak learning rate; decays by cosine to 10%% of it", above=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay of 2-D parameters", at_least=0)
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)", at_least=0)
+    seed: int = arg(1337, "seed of the initial weights and of the data order", at_least=0)
+    dtype: str = arg("auto", "autocast precision; auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, "
+                     "fp32 on CPU and MPS", choices=("auto", *DTYPES))
+    # periodic work (0 = off; each also runs on the last step)
+    val_every: int = arg(250, "validation loss every N steps", at_least=0)
+    val_tokens: int = arg(10485760, "validation tokens per evaluation (a fixed set, whatever the world size); "
+                          "not given: the whole val split, up to this many", at_least=1)
+    hellaswag_every: int = arg(250, "HellaSwag accuracy every N steps", at_least=0)
+    hellaswag_data: str = arg("", "local HellaSwag JSON-lines file (default: the downloaded validation set)")
+    hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)", at_least=0)
+    sample_every: int = arg(250, "print --num-samples samples every N steps", at_least=0)
+    prompt: str = arg("Hello, I'm a language model,", "what samples continue")
+    num_samples: int = arg(4, "samples each time", at_least=1)
+    sample_tokens: int = arg(32, "new tokens per sample", at_least=1)
+    checkpoint_every: int = arg(1000, "checkpoint every N steps", at_least=0)
+    keep_checkpoints: int = arg(3, "keep the last N checkpoints (0 = all)", at_least=0)
+    # run
+    log_dir: str = arg("log", "folder of log.txt and checkpoints; one run per folder")
+    overwrite: bool = arg(False, "delete another run's log and checkpoints in --log-dir first")
+    tensorboard: bool = arg(False, "also write TensorBoard curves to --log-dir (tensorboard --logdir LOG_DIR)")
+    device: str = arg("auto", "auto, cpu, cuda or mps")
+    compile: bool = arg(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
+    resume: str = arg("", "'auto' (latest checkpoint in --log-dir, if any) or a checkpoint path")
+    eval_only: bool = arg(False, "with --resume or --init-from: validate, run HellaSwag (if on), sample, then exit "
+                          "without writing to --log-dir")
+    export_hf: str = arg("", "after training (or --eval-only), write the model to this folder in Hugging Face format")
+    max_bad_steps: int = arg(5, "stop after this many non-finite losses in a row", at_least=1)
+    # the flags given on the command line (not a flag itself)
+    given: frozenset = field(default=frozenset(), metadata=dict(help=None))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def parse_args(argv=None) -> RunConfig:
-    parser = argparse.ArgumentParser(description="Train GPT-2 (see the module docstring for the commands). "
-                                     "Explicit flags override the preset.")
+    """Flags over the preset over the defaults; every value checked against its field's range."""
+    parser = OneLineParser(prog="train_gpt2.py", description="Train GPT-2 (the module docstring has the commands). "
+                           "Explicit flags override the preset.")
     defaults = RunConfig()
-    for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
+    cli_fields = [f for f in fields(RunConfig) if f.metadata["help"] is not None]
+    for f in cli_fields:
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         shown = f"default: {getattr(defaults, f.name)!r}"
         if f.name in PRESETS["shakespeare"]:
             shown += f"; shakespeare: {PRESETS['shakespeare'][f.name]!r}"
-        help_text = f"{f.metadata['help']} ({shown})"
+        kwargs = dict(default=None, help=f"{meta['help']} ({shown})")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=help_text)
-    ns = vars(parser.parse_args(argv))
-    preset = ns["preset"] or defaults.preset
-    if preset not in PRESETS:
-        parser.error(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
-    values = {**vars(defaults), **PRESETS[preset], **{k: v for k, v in ns.items() if v is not None}}
-    values["preset"] = preset
-    return RunConfig(**values)
+            parser.add_argument(flag, type=meta["parse"] or f.type, choices=meta["choices"], **kwargs)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset") or ("shakespeare" if given.get("input") else defaults.preset)
+    cfg = RunConfig(**{**vars(defaults), **PRESETS[preset], **given, "preset": preset, "given": frozenset(given)})
+    for f in cli_fields:
+        value, meta, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if meta["at_least"] is not None and value < meta["at_least"]:
+            raise ConfigError(f"{flag} {value}: must be at least {meta['at_least']}")
+        if meta["above"] is not None and not value > meta["above"]:
+            raise ConfigError(f"{flag} {value}: must be above {meta['above']}")
+        if meta["below"] is not None and not value < meta["below"]:
+            raise ConfigError(f"{flag} {value}: must be below {meta['below']}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the heads split the width")
+    if cfg.block_size and cfg.block_size < cfg.seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds --block-size {cfg.block_size}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite deletes the run that --resume would continue: pass one of them")
+    if cfg.eval_only and not cfg.resume and cfg.init_from == "scratch":
+        raise ConfigError("--eval-only needs a model: pass --resume PATH|auto or --init-from")
+    return cfg
 
 
-def check_batch_sizes(cfg: RunConfig, world_size: int) -> int:
+def check_batch_sizes(cfg: RunConfig, B: int, world_size: int) -> int:
     """Gradient-accumulation steps, or a ConfigError that proposes valid --total-batch-size values."""
-    per_micro_step = cfg.batch_size * cfg.seq_len * world_size
+    per_micro_step = B * cfg.seq_len * world_size
     if cfg.total_batch_size % per_micro_step:
         lower = max(1, cfg.total_batch_size // per_micro_step) * per_micro_step
         raise ConfigError(
             f"--total-batch-size {cfg.total_batch_size} is not divisible by batch-size x seq-len x processes = "
-            f"{cfg.batch_size} x {cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or {lower + per_micro_step}, "
+            f"{B} x {cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or {lower + per_micro_step}, "
             f"or change --batch-size"
         )
     return cfg.total_batch_size // per_micro_step
@@ -1074,17 +1395,13 @@ def check_batch_sizes(cfg: RunConfig, world_size: int) -> int:
 # Training
 
 
-def forward_backward(model, optimizer, loader, grad_accum_steps: int, d: Dist, autocast, scaler=None):
+def forward_backward(model, optimizer, loader, grad_accum_steps: int, device, autocast, scaler=None):
     """Gradients of one optimizer step's batch: grad_accum_steps micro-batches of this rank.
     Returns this rank's mean loss as a device tensor (no host sync). bench/train.py times this too."""
     optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=d.device)
+    loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch()
-        if d.device_type == "cuda":  # pinned host memory lets the copy overlap with compute
-            x, y = x.pin_memory().to(d.device, non_blocking=True), y.pin_memory().to(d.device, non_blocking=True)
-        else:
-            x, y = x.to(d.device), y.to(d.device)
+        x, y = loader.next_batch(device)
         # DDP all-reduces gradients during backward; only the last micro-step needs that. no_sync()
         # is entered before the forward pass, which is where DDP decides.
         sync = micro_step == grad_accum_steps - 1
@@ -1099,230 +1416,434 @@ def forward_backward(model, optimizer, loader, grad_accum_steps: int, d: Dist, a
     return loss_accum
 
 
-def build_data(cfg: RunConfig, d: Dist, seqs_per_step: int):
-    """Train and validation loaders over shards (--data-dir) or a text file (--input)."""
-    T = cfg.seq_len
-    if cfg.input:
-        train_ids, val_ids = load_text(cfg.input)
-        train, val = ([train_ids], [f"{cfg.input} (first 90%)"]), ([val_ids], [f"{cfg.input} (last 10%)"])
-        fix = "use a longer text file or a smaller --seq-len / --total-batch-size"
-    else:
-        train, val = load_shards(cfg.data_dir, "train", T), load_shards(cfg.data_dir, "val", T)
-        fix = "build more data with `python fineweb.py`, or lower --total-batch-size / --val-tokens"
-    check_enough(*train, "train", T, seqs_per_step, fix)
-    val_seqs = max(1, cfg.val_tokens // T)
-    if cfg.val_every:
-        check_enough(*val, "val", T, val_seqs, fix)
-    common = dict(B=cfg.batch_size, T=T, seqs_per_step=seqs_per_step, rank=d.rank, world_size=d.world_size, seed=cfg.seed)
-    return DataLoader(*train, shuffle=True, **common), DataLoader(*val, shuffle=False, **common), val_seqs
+def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int) -> tuple[int, list]:
+    """--batch-size auto on CUDA: the largest micro-batch that divides per_rank_seqs and trains in the
+    GPU's memory. Tries a forward and backward pass at (B, T) with reserve_bytes (the optimizer's
+    state, not yet allocated) held aside, and halves B on torch.OutOfMemoryError. The passes run
+    uncompiled, which needs more memory than compiled, and on zeros under a forked random state: no
+    weight, data or random number of the run changes, so it trains exactly as with --batch-size B.
+    Returns B and the sizes that did not fit."""
+
+    def fits(B):
+        try:
+            with torch.random.fork_rng(devices=[device]):
+                held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+                x = torch.zeros(B, T, dtype=torch.long, device=device)
+                with autocast:
+                    _, loss = model(x, x, return_logits=False)
+                loss.backward()
+                del held, x, loss
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    B, too_big = per_rank_seqs, []
+    while not fits(B):
+        torch.cuda.empty_cache()  # give back what the failed try reserved
+        too_big.append(B)
+        smaller = [b for b in range(B // 2, 0, -1) if per_rank_seqs % b == 0]
+        if not smaller:
+            raise ConfigError(f"--batch-size auto: not even one sequence of --seq-len {T} fits in GPU memory; "
+                              f"lower --seq-len or train a smaller model")
+        B = smaller[0]
+    torch.cuda.empty_cache()
+    return B, too_big
 
 
-def build_model(cfg: RunConfig) -> GPT:
-    if cfg.init_from == "scratch":
-        config = GPTConfig(block_size=cfg.block_size or cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                           n_embd=cfg.n_embd, dropout=cfg.dropout)
-        return GPT(config)
-    try:
-        return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+def due(every: int, n: int, last_step: bool) -> bool:
+    """Periodic work (every N steps, 0 = never) runs on multiples of N and on the last step."""
+    return bool(every) and (n % every == 0 or last_step)
 
 
-def train(cfg: RunConfig, d: Dist, argv: list[str]):
-    log = RunLog(cfg.log_dir, d.is_main)
-    print0 = log.print0
-    grad_accum_steps = check_batch_sizes(cfg, d.world_size)
-    seqs_per_step = cfg.total_batch_size // cfg.seq_len
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if d.device_type == "cpu":
-        keep_freed_memory()
-    if d.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = autocast_context(d.device_type)
-    use_compile = cfg.compile if cfg.compile is not None else d.device_type == "cuda"
+class Trainer:
+    """One run: what trains, the data it trains on, its run folder and log, and the steps of the
+    loop (evaluate, train_step, save). It is built in an order that lets every bad flag, folder,
+    checkpoint and data file fail before the model is built, since building (and compiling) a model
+    takes a while: precision, run folder, checkpoint, data, then the model, the micro-batch, the
+    optimizer and the resumed state."""
 
-    train_loader, val_loader, val_seqs = build_data(cfg, d, seqs_per_step)
-    raw_model = build_model(cfg)
-    if cfg.seq_len > raw_model.config.block_size:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {raw_model.config.block_size}")
-    raw_model.to(d.device)
-    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
-    # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler("cuda") if d.device_type == "cuda" and not torch.cuda.is_bf16_supported() else None
+    def __init__(self, cfg: RunConfig, d: Dist, argv: list[str]):
+        self.cfg, self.d = cfg, d
+        self.log = RunLog(None, d.is_main)  # prints only, until the run folder is ready
+        say = self.log.print0
 
-    # resume: weights, optimizer, step, data position and random state of an interrupted run
-    start_step, skipped_total, last_val = 0, 0, None
-    resume_path = latest_checkpoint(cfg.log_dir) if cfg.resume == "auto" else (cfg.resume or None)
-    if cfg.resume == "auto" and resume_path is None:
-        print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
-    if resume_path:
-        ckpt = read_checkpoint(resume_path, map_location=d.device)
-        diffs = config_differences(asdict(GPTConfig(**ckpt["model_config"])), asdict(raw_model.config))
-        if diffs:
-            raise CheckpointError(f"{resume_path}: the checkpoint's model differs from this run's: " + "; ".join(diffs))
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        # precision: bf16/fp16/fp32 autocast, and a loss scaler for fp16
+        self.dtype = autocast_dtype(d.device, cfg.dtype)
+        self.autocast = autocast_context(d.device_type, self.dtype)
+        self.scaler = grad_scaler(d.device_type, self.dtype)
+        if d.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        if d.device_type == "cpu":
+            keep_freed_memory()
+        if cfg.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        if cfg.export_hf and os.path.exists(cfg.export_hf) and not os.path.isdir(cfg.export_hf):
+            raise ConfigError(f"--export-hf {cfg.export_hf}: a file, not a folder")
+
+        # the run folder: one run, one writer (rank 0); --eval-only writes nothing there
+        folder = RunFolder(cfg.log_dir)
+        if not cfg.eval_only:
+            on_rank0(d, lambda: (folder.check_path(), folder.lock(), folder.claim(bool(cfg.resume), cfg.overwrite, say)))
+
+        # the checkpoint to resume from, read onto the CPU
+        self.resume_path, ckpt = None, None
+        if cfg.resume == "auto":
+            self.resume_path, ckpt = find_resume_checkpoint(cfg.log_dir, say)
+            if ckpt is None and cfg.eval_only:
+                raise CheckpointError(f"--resume auto: no checkpoint in {cfg.log_dir}")
+            if ckpt is None:
+                say(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
+        elif cfg.resume:
+            self.resume_path, ckpt = cfg.resume, read_checkpoint(cfg.resume)
+        if ckpt is not None and cfg.eval_only:  # evaluate on the run's own data and sequence length
+            for key in ("input", "data_dir", "seq_len"):
+                if key not in cfg.given and key in ckpt["run_config"]:
+                    setattr(cfg, key, ckpt["run_config"][key])
+
+        # data: tokens, and the HellaSwag examples
+        T = cfg.seq_len
+        if cfg.input:
+            train_ids, val_ids = load_text(cfg.input)
+            train = ([train_ids], [f"{cfg.input} (first 90%)"])
+            val = ([val_ids], [f"{cfg.input} (last 10%)"])
+            fix = "use a longer text, or lower --seq-len / --total-batch-size"
+        else:
+            train, val = load_shards(cfg.data_dir, "train", T), load_shards(cfg.data_dir, "val", T)
+            fix = "build more data with `python fineweb.py`, or lower --total-batch-size"
+        if cfg.total_batch_size % (T * d.world_size):
+            raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --seq-len x processes "
+                              f"= {T} x {d.world_size}")
+        self.seqs_per_step = cfg.total_batch_size // T
+        if not cfg.eval_only and count_sequences(train[0], T) < self.seqs_per_step:
+            raise DataError(f"{describe(train[1])}: the train split has {count_sequences(train[0], T)} sequences of "
+                            f"T={T} tokens, fewer than the {self.seqs_per_step} one optimizer step needs; {fix}")
+        self.val_seqs = self.plan_validation(val, T) if cfg.val_every else 0
+        self.hellaswag_examples = None
+        if cfg.hellaswag_every:
+            try:
+                self.hellaswag_examples = hellaswag.load_examples(
+                    cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None,
+                    fix="pass --hellaswag-data FILE with a local copy, or --hellaswag-every 0")
+            except hellaswag.HellaSwagError as e:
+                raise ConfigError(f"--hellaswag-every {cfg.hellaswag_every}: {e}") from None
+
+        # the model: the checkpoint's, OpenAI's (--init-from) or a new one; raw_model is what we save,
+        # sample and evaluate (not compiled, not DDP-wrapped)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        if ckpt is not None and cfg.eval_only:
+            self.raw_model = GPT(GPTConfig(**ckpt["model_config"]))
+        elif cfg.init_from == "scratch":
+            self.raw_model = GPT(GPTConfig(block_size=cfg.block_size or T, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                           n_embd=cfg.n_embd, dropout=cfg.dropout))
+        else:
+            try:
+                self.raw_model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+        if ckpt is not None and not cfg.eval_only:
+            diffs = config_differences(ckpt["model_config"], asdict(self.raw_model.config))
+            if diffs:
+                raise CheckpointError(f"{self.resume_path}: the checkpoint's model differs from this run's: " + "; ".join(diffs))
+        if T > self.raw_model.config.block_size:
+            raise ConfigError(f"--seq-len {T} exceeds the model's block_size {self.raw_model.config.block_size}")
+        self.raw_model.to(d.device)
+
+        # the micro-batch, the loaders and the optimizer
+        per_rank = self.seqs_per_step // d.world_size
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        if cfg.batch_size != "auto":
+            B = cfg.batch_size
+        elif d.device_type == "cuda":
+            B, too_big = fit_micro_batch(self.raw_model, per_rank, T, d.device, self.autocast, reserve_bytes=8 * n_params)
+            if d.ddp:  # every rank must use the same B: the smallest that fits everywhere
+                agreed = torch.tensor(B, device=d.device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                B = int(agreed)
+            say(f"--batch-size auto: micro-batch {B}" + (f" (out of memory at {', '.join(map(str, too_big))})"
+                                                          if too_big else ""))
+        else:
+            B = max(b for b in range(1, min(per_rank, NO_PROBE_MICRO_BATCH) + 1) if per_rank % b == 0)
+        self.B, self.grad_accum_steps = B, check_batch_sizes(cfg, B, d.world_size)
+        common = dict(B=B, T=T, seqs_per_step=self.seqs_per_step, rank=d.rank, world_size=d.world_size, seed=cfg.seed)
+        self.train_loader = DataLoader(*train, shuffle=True, **common)
+        self.val_loader = DataLoader(*val, shuffle=False, **common)
+        self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
+
+        # the resumed state: weights, optimizer, loss scale, step, data position and random states
+        self.start_step, self.skipped_total, self.last_val = 0, 0, None
+        if ckpt is not None:
+            self.resume(ckpt)
+            del ckpt
+
+        # what trains: maybe compiled, maybe DDP-wrapped (sharing raw_model's weights). The vocabulary
+        # bias is the only buffer and never changes: DDP need not broadcast buffers before each pass
+        # (newer torch names that option forward_sync_buffers).
+        self.use_compile = cfg.compile if cfg.compile is not None else d.device_type == "cuda"
+        self.model = torch.compile(self.raw_model) if self.use_compile else self.raw_model
+        if d.ddp:
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+                else "broadcast_buffers"
+            self.model = DDP(self.model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
+                             gradient_as_bucket_view=True, **{no_sync: False})
+
+        self.log = RunLog(None if cfg.eval_only else cfg.log_dir, d.is_main, cfg.tensorboard)
+        self.log.start(run_header(argv, d), resume_step=self.start_step if self.resume_path else None)
+        name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
+        self.peak = peak_flops(name) if self.dtype != torch.float32 else None
+        self.flops_per_token = self.raw_model.flops_per_token(T)
+        self.bad_in_a_row, self.enc = 0, None
+        # test hooks, not flags: NaN losses at chosen steps, and a first loss scale that overflows
+        self.nan_steps = {int(s) for s in os.environ.get("TRAIN_GPT2_INJECT_NAN", "").split(",") if s.strip()}
+        if self.scaler is not None and os.environ.get("TRAIN_GPT2_INIT_SCALE"):  # tests: force fp16 overflows
+            self.scaler = torch.amp.GradScaler(d.device_type, init_scale=float(os.environ["TRAIN_GPT2_INIT_SCALE"]))
+
+        say(f"model: {self.raw_model.num_params():,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP per token "
+            f"(6N + 12LCT)")
+        say(f"device: {d.device} x {d.world_size} process(es), autocast: {dtype_name(self.dtype)}"
+            f"{' with loss scaling' if self.scaler else ''}, compile: {self.use_compile}")
+        say(f"batch: {cfg.total_batch_size:,} tokens per step = {B} x {T} x {d.world_size} processes x "
+            f"{self.grad_accum_steps} micro-steps")
+        say(f"data: {self.train_loader.seqs_per_epoch:,} training sequences per epoch "
+            f"({self.train_loader.seqs_per_epoch / self.seqs_per_step:.1f} steps)")
+
+    def plan_validation(self, val, T: int) -> int:
+        """Sequences per validation: --val-tokens when given (at most the split), else the whole
+        split up to the preset's number."""
+        cfg, have = self.cfg, count_sequences(val[0], T)
+        wanted = max(1, cfg.val_tokens // T)
+        if "val_tokens" in cfg.given and wanted > have:
+            raise ConfigError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has {have * T:,} "
+                              f"tokens in sequences of T={T}; pass at most {have * T}, or leave --val-tokens out")
+        if have == 0:
+            raise DataError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower --seq-len, "
+                            f"or --val-every 0 to train without validation")
+        n = min(wanted, have)
+        self.log.print0(f"validation: {n * T:,} tokens" + (" (the whole val split)" if n == have else ""))
+        return n
+
+    def resume(self, ckpt: dict):
+        cfg, d, say = self.cfg, self.d, self.log.print0
+        self.raw_model.load_state_dict(ckpt["model"])
+        if cfg.eval_only:
+            self.start_step, self.last_val = ckpt["step"], ckpt.get("val_loss")
+            say(f"loaded {self.resume_path} (step {self.start_step})")
+            return
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         saved_run = ckpt["run_config"]
         data_keys = ("seed", "seq_len", "total_batch_size", "input", "data_dir")
-        data_diffs = [f"--{k.replace('_', '-')} {saved_run.get(k)!r} -> {getattr(cfg, k)!r}" for k in data_keys if saved_run.get(k) != getattr(cfg, k)]
+        data_diffs = [f"--{k.replace('_', '-')} {saved_run.get(k)!r} -> {getattr(cfg, k)!r}"
+                      for k in data_keys if saved_run.get(k) != getattr(cfg, k)]
         if data_diffs:
-            print0(f"warning: {', '.join(data_diffs)}: the data order differs from the original run")
-        train_loader.load_state_dict(ckpt["train_loader"])
+            say(f"warning: {', '.join(data_diffs)}: the data order differs from the original run")
+        self.train_loader.load_state_dict(ckpt["train_loader"])
         if ckpt["world_size"] == d.world_size:
             set_rng_state(ckpt["rng"][d.rank])
         else:
-            print0(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, optimizer, "
-                   f"step and data position are kept (a step's data does not depend on the number of processes); "
-                   f"per-process random states are not restored")
-        start_step, skipped_total, last_val = ckpt["step"], ckpt.get("skipped_steps", 0), ckpt.get("val_loss")
-        print0(f"resumed from {resume_path} at step {start_step}")
-        del ckpt
-    if d.is_main:
-        os.makedirs(cfg.log_dir, exist_ok=True)
-    log.start(run_header(argv, d), resume_step=start_step if resume_path else None)
+            say(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, optimizer, "
+                f"step and data position are kept (a step's data does not depend on the number of processes); "
+                f"per-process random states are not restored")
+        self.start_step, self.skipped_total = ckpt["step"], ckpt.get("skipped_steps", 0)
+        self.last_val = ckpt.get("val_loss")
+        say(f"resumed from {self.resume_path} at step {self.start_step}")
 
-    # what trains: maybe compiled, maybe DDP-wrapped; raw_model (same weights) is what we save and sample
-    model = torch.compile(raw_model) if use_compile else raw_model
-    ddp_model = DDP(model, device_ids=[d.local_rank] if d.device_type == "cuda" else None, gradient_as_bucket_view=True) if d.ddp else model
+    # --- evaluation ----------------------------------------------------------------------------
 
-    enc = None
-    hellaswag_examples = None
-    if cfg.hellaswag_every:
-        import hellaswag
+    def validate(self, step: int):
+        """Validation loss on the fixed val set, through the model that trains (compiled, one shape)."""
+        self.model.eval()
+        self.last_val = validation_loss(self.model, self.val_loader, self.val_seqs, self.d.device, self.autocast,
+                                        self.d.rank, self.d.world_size)
+        self.model.train()
+        self.log.print0(f"step {step:5d} | val loss {self.last_val:.4f}")
+        self.log.record(step, "val", self.last_val)
 
-        hellaswag_examples = hellaswag.load_examples(cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None)
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak = device_peak_flops(d)
-    nan_steps = {int(s) for s in cfg.inject_nan.split(",") if s.strip()}
-    stop = StopRequest()
-    stop.install()
+    def hellaswag(self, step: int):
+        """HellaSwag accuracy, examples split over the ranks, on the raw model (its shapes change with
+        every batch, which a compiled model would recompile for)."""
+        result = hellaswag.evaluate(self.raw_model, self.hellaswag_examples, device=self.d.device,
+                                    batch_size=max(1, self.B // 4), autocast=self.autocast, rank=self.d.rank,
+                                    world_size=self.d.world_size)
+        if result["cropped"] and not getattr(self, "cropped_said", False):
+            self.log.print0(f"hellaswag: {result['cropped']} of {result['n']} examples are longer than block_size "
+                            f"{self.raw_model.config.block_size}: their contexts are cropped from the left")
+            self.cropped_said = True
+        self.log.print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
+                        f"({result['correct_norm']}/{result['n']})")
+        self.log.record(step, "hella", result["acc_norm"])
 
-    print0(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per token (6N + 12LCT)")
-    print0(f"device: {d.device} x {d.world_size} process(es), autocast: {'bf16/fp16' if d.device_type == 'cuda' else 'fp32'}, compile: {use_compile}")
-    print0(f"batch: {cfg.total_batch_size:,} tokens per step = {cfg.batch_size} x {cfg.seq_len} x {d.world_size} processes x {grad_accum_steps} micro-steps")
-    print0(f"data: {train_loader.seqs_per_epoch:,} training sequences per epoch ({train_loader.seqs_per_epoch / seqs_per_step:.1f} steps)")
+    def sample(self, step: int):
+        """Samples from the raw model; every rank prints its own (different seeds)."""
+        from fineweb import gpt2_tokenizer
 
-    bad_in_a_row = 0
-    for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
+        self.enc = self.enc or gpt2_tokenizer()
+        self.raw_model.eval()
+        cfg = self.cfg
+        samples = sample_text(self.raw_model, self.enc, cfg.prompt, cfg.num_samples, cfg.sample_tokens,
+                              self.d.device, self.autocast, seed=cfg.seed + 1000 * self.d.rank + step)
+        self.raw_model.train()
+        for i, text in enumerate(samples):
+            print(f"rank {self.d.rank} sample {i}: {text!r}", flush=True)
 
-        if cfg.val_every and (step % cfg.val_every == 0 or last_step):
-            model.eval()
-            last_val = validation_loss(model, val_loader, val_seqs, d.device, autocast, d.rank, d.world_size)
-            model.train()
-            print0(f"step {step:5d} | val loss {last_val:.4f}")
-            log.record(step, "val", last_val)
+    # --- one optimizer step ------------------------------------------------------------------------
 
-        if cfg.hellaswag_every and (step % cfg.hellaswag_every == 0 or last_step):
-            import hellaswag  # scoring lives there; the raw model shares the trained weights
-
-            raw_model.eval()
-            result = hellaswag.evaluate(raw_model, hellaswag_examples, device=d.device, batch_size=max(1, cfg.batch_size // 4),
-                                        autocast=autocast, rank=d.rank, world_size=d.world_size)
-            raw_model.train()
-            print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['n']})")
-            log.record(step, "hella", result["acc_norm"])
-
-        if cfg.sample_every and (step % cfg.sample_every == 0 or last_step) and step > 0:
-            from fineweb import gpt2_tokenizer
-
-            enc = enc or gpt2_tokenizer()
-            raw_model.eval()
-            samples = sample_text(raw_model, enc, "Hello, I'm a language model,", 4, 32, d.device, autocast,
-                                  seed=cfg.seed + 1000 * d.rank + step)
-            raw_model.train()
-            for i, text in enumerate(samples):
-                print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
-
-        # ---- one optimization step: grad_accum_steps micro-batches, then one update ----
+    def train_step(self, step: int, stop_requested: bool) -> bool:
+        """Forward and backward over this step's micro-batches, clip, then update, unless the loss
+        is not finite (or, in fp16, the gradients overflowed: the scaler skips those). Prints the
+        step's line and returns whether any rank was asked to stop."""
+        cfg, d = self.cfg, self.d
         t0 = time.perf_counter()
-        loss_accum = forward_backward(ddp_model, optimizer, train_loader, grad_accum_steps, d, autocast, scaler)
-        if step in nan_steps:
-            loss_accum = loss_accum * float("nan")
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        loss = forward_backward(self.model, self.optimizer, self.train_loader, self.grad_accum_steps, d.device,
+                                self.autocast, self.scaler)
+        if step in self.nan_steps:
+            loss = loss * float("nan")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        params = self.raw_model.parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         # one all-reduce per step: the loss averaged over ranks, and whether any rank was told to stop
-        stats = torch.stack([loss_accum.float(), torch.tensor(float(stop.requested), device=d.device)])
+        stats = torch.stack([loss.float(), torch.tensor(float(stop_requested), device=d.device)])
         if d.ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         loss_value, stop_now = stats[0].item() / d.world_size, stats[1].item() > 0
         norm_value = norm.item()
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            bad_in_a_row = 0
-        else:  # a non-finite loss or gradient: skip the update, keep the weights
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row += 1
-            skipped_total += 1
-            log.record(step, "skipped", skipped_total)
-            print0(f"step {step:5d} | non-finite loss {loss_value} / grad norm {norm_value}: update skipped "
-                   f"({bad_in_a_row} in a row, {skipped_total} in all)")
-            if bad_in_a_row >= cfg.max_bad_steps:
-                last = latest_checkpoint(cfg.log_dir)
-                raise TrainingError(
-                    f"{bad_in_a_row} non-finite losses in a row at step {step}: stopping. The last good checkpoint is "
-                    f"{last or '(none)'}; lower --max-lr or raise --warmup-steps, then --resume auto"
-                )
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
+        finite = math.isfinite(loss_value)
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            if finite:
+                self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
+            self.scaler.update()  # lowers the scale after an overflow, raises it after 2,000 clean steps
+            updated = finite and math.isfinite(norm_value)
+            if self.scaler.get_scale() != scale:
+                self.log.print0(f"step {step:5d} | loss scale {scale:g} -> {self.scaler.get_scale():g}"
+                                + ("" if updated or not finite else " (gradients overflowed: update skipped)"))
+                self.log.record(step, "scale", self.scaler.get_scale())
+        else:
+            finite = finite and math.isfinite(norm_value)
+            updated = finite
+            if updated:
+                self.optimizer.step()
+        if finite:
+            self.bad_in_a_row = 0
+        else:  # a non-finite loss: the update was skipped, the weights are those before the step
+            self.bad_in_a_row += 1
+            self.skipped_total += 1
+            self.log.record(step, "skipped", self.skipped_total)
+            self.log.print0(f"step {step:5d} | non-finite loss {loss_value} / grad norm {norm_value}: update skipped "
+                            f"({self.bad_in_a_row} in a row, {self.skipped_total} in all)")
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {step}: stopping. "
+                                    f"{self.last_good()}; lower --max-lr or raise --warmup-steps, then --resume auto")
+        # the weights after the update must be finite (a huge learning rate can break them with finite
+        # gradients): one fused norm over all of them
+        if updated and not math.isfinite(torch.nn.utils.get_total_norm(list(self.raw_model.parameters())).item()):
+            raise TrainingError(f"step {step}: the update made the weights non-finite (--max-lr {cfg.max_lr} is too "
+                                f"high?); {self.last_good()}")
+        synchronize(d.device)  # the clock measures finished work, not queued kernels
         dt = time.perf_counter() - t0
         tokens_per_sec = cfg.total_batch_size / dt
-        mfu = f" | mfu {100 * flops_per_token * tokens_per_sec / d.world_size / peak:.1f}%" if peak else ""
-        print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-               f"dt {1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}{mfu}")
-        log.record(step, "train", loss_value)
+        mfu = self.flops_per_token * tokens_per_sec / d.world_size / self.peak if self.peak else None
+        self.log.print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
+                        f"dt {1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+        self.log.record(step, "train", loss_value)
+        self.log.scalars(step, lr=lr, grad_norm=norm_value if math.isfinite(norm_value) else None,
+                         tokens_per_sec=tokens_per_sec, mfu=mfu)
+        return stop_now
 
-        done = step + 1
-        periodic = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last_step)
+    def last_good(self) -> str:
+        path = latest_checkpoint(self.cfg.log_dir)
+        return f"the last good checkpoint is {path}" if path else "no checkpoint was saved"
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, done: int):
+        """A checkpoint after `done` steps: every rank's random state is gathered; rank 0 writes."""
+        d = self.d
+        rngs = [None] * d.world_size
+        if d.ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs[0] = rng_state()
+        if d.is_main:
+            t0 = time.perf_counter()
+            path = save_checkpoint(self.cfg.log_dir, {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": done,
+                "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "train_loader": self.train_loader.state_dict(), "rng": rngs,
+                "model_config": asdict(self.raw_model.config), "run_config": asdict(self.cfg),
+                "world_size": d.world_size, "val_loss": self.last_val, "skipped_steps": self.skipped_total,
+            }, keep=self.cfg.keep_checkpoints)
+            self.log.print0(f"saved {path} ({time.perf_counter() - t0:.2f}s)")
+        if d.ddp:
+            dist.barrier()
+
+    def export(self):
+        if self.cfg.export_hf and self.d.is_main:
+            self.raw_model.export_hf(self.cfg.export_hf)
+            self.log.print0(f"exported the model in Hugging Face format to {self.cfg.export_hf}")
+
+
+def train(cfg: RunConfig, d: Dist, argv: list[str]):
+    run = Trainer(cfg, d, argv)
+    if cfg.eval_only:
+        if cfg.val_every:
+            run.validate(run.start_step)
+        if cfg.hellaswag_every:
+            run.hellaswag(run.start_step)
+        run.sample(run.start_step)
+        run.export()
+        return
+    stop = StopRequest()
+    stop.install()
+    for step in range(run.start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        # evaluation comes before the step: at step 0 it shows the untrained model (loss ln 50257 = 10.8)
+        if due(cfg.val_every, step, last_step):
+            run.validate(step)
+        if due(cfg.hellaswag_every, step, last_step):
+            run.hellaswag(step)
+        if due(cfg.sample_every, step, last_step) and step > 0:
+            run.sample(step)
+        stop_now = run.train_step(step, stop.requested)
         # no periodic checkpoint during a run of non-finite losses: keep the last good ones on disk
-        if (periodic and bad_in_a_row == 0) or stop_now:
-            rngs = [None] * d.world_size
-            if d.ddp:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs[0] = rng_state()
-            if d.is_main:
-                t_save = time.perf_counter()
-                path = save_checkpoint(cfg.log_dir, {
-                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": done,
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None,
-                    "train_loader": train_loader.state_dict(), "rng": rngs,
-                    "model_config": asdict(raw_model.config), "run_config": asdict(cfg),
-                    "world_size": d.world_size, "val_loss": last_val, "skipped_steps": skipped_total,
-                }, keep=cfg.keep_checkpoints)
-                print0(f"saved {path} ({time.perf_counter() - t_save:.2f}s)")
-            if d.ddp:
-                dist.barrier()
+        if stop_now or (due(cfg.checkpoint_every, step + 1, last_step) and run.bad_in_a_row == 0):
+            run.save(step + 1)
         if stop_now:
-            print0(f"stopped by signal after step {step}; continue with --resume auto")
+            run.log.print0(f"stopped by signal after step {step}; continue with --resume auto")
+            run.log.close()
             return
+    run.log.close()
+    if run.bad_in_a_row:
+        raise TrainingError(f"the last step ({cfg.max_steps - 1}) was skipped: its loss was not finite; "
+                            f"{run.last_good()}")
+    run.export()
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    d = None
     try:
         cfg = parse_args(argv)
         d = setup_distributed(cfg.device)
-    except ConfigError as e:
-        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
         train(cfg, d, ["train_gpt2.py", *argv])
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        if d is None or d.is_main or not isinstance(e, (ConfigError, CheckpointError)):
+            print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        sys.exit(1 if d is not None else 2)
+    except KeyboardInterrupt:
+        print("train_gpt2.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         cleanup_distributed()
 

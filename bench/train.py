@@ -2,8 +2,9 @@
 bench/train.py: training throughput of our GPT-2 (train_gpt2.GPT) beside Hugging Face's GPT2LMHeadModel.
 
 It times what training runs: a step is train_gpt2.forward_backward (micro-steps, autocast, backward)
-+ clip_grad_norm_ + optimizer.step(), with the optimizer of configure_optimizer (fused AdamW), on
-random tokens made up front (no data loading inside the clock). The peer gets the same shapes,
++ clip_grad_norm_ + optimizer.step(), with the optimizer of configure_optimizer (fused AdamW) and
+the training loader (train_gpt2.DataLoader) serving random tokens held in memory (no disk reads
+inside the clock). The peer gets the same shapes,
 optimizer settings, precision, compile setting and tokens, in the same process; its rounds of steps
 alternate with ours, so a busy machine slows both alike. Warm-up steps are not timed (the first one
 compiles; its time is shown apart); CUDA is synchronized before every clock read.
@@ -21,7 +22,7 @@ Output: a row per model: parameters, first step (s, compilation included), media
 tokens/s over the timed steps, MFU, peak memory; then ours / peer, from the median step times.
 MFU = tokens/s x FLOPs per token / peak FLOP/s. FLOPs per token = our model.flops_per_token(T) =
 6N + 12 * n_layer * n_embd * T for both rows (the same work, so their MFU ratio is their speed ratio);
-the peak is train_gpt2.device_peak_flops (dense bf16) on CUDA, --peak-tflops otherwise (no MFU on a
+the peak is train_gpt2.peak_flops (dense bf16, fp16 before Ampere) on CUDA, --peak-tflops otherwise (no MFU on a
 CPU without it). Peak memory = the model's parameters, gradients and optimizer state + the most its
 steps allocated beyond what was allocated when they started (CUDA: allocator statistics; CPU: the
 resident set, approximate; not shown while freed memory is kept, the CPU default).
@@ -35,6 +36,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -42,7 +44,6 @@ import train_gpt2
 from train_gpt2 import GPT, PRESETS, Dist, GPTConfig, RunConfig
 
 MODEL_PRESETS = {"124m": "gpt2-124m", "shakespeare": "shakespeare"}  # --model -> train_gpt2 preset
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def preset_shapes(preset: str) -> dict:
@@ -55,20 +56,13 @@ def preset_shapes(preset: str) -> dict:
 # What is timed
 
 
-class RandomBatches:
-    """The loader forward_backward reads: next_batch() -> (x, y), int64 CPU tensors (B, T), made once
-    from a fixed seed (y is x shifted by one, as in training) and served in a cycle."""
-
-    def __init__(self, B, T, n_batches=8, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, train_gpt2.GPT2_VOCAB_SIZE, (n_batches, B, T + 1), generator=g)
-        self.batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
-        self.i = 0
-
-    def next_batch(self):
-        batch = self.batches[self.i % len(self.batches)]
-        self.i += 1
-        return batch
+def random_loader(B, T, grad_accum=1, n_batches=8, seed=0) -> train_gpt2.DataLoader:
+    """The loader training uses (train_gpt2.DataLoader: token-id check, one pinned copy per batch on
+    CUDA), over random GPT-2 tokens made up front from a fixed seed: n_batches optimizer steps' worth,
+    served again and again."""
+    n_seqs = n_batches * B * grad_accum
+    tokens = np.random.default_rng(seed).integers(0, train_gpt2.GPT2_VOCAB_SIZE, n_seqs * T + 1, dtype=np.uint16)
+    return train_gpt2.DataLoader([tokens], ["random tokens"], B=B, T=T, seqs_per_step=B * grad_accum, seed=seed)
 
 
 class HFPeer(nn.Module):
@@ -126,14 +120,15 @@ class Contender:
         self.optimizer = GPT.configure_optimizer(raw_model, weight_decay=0.1, learning_rate=6e-4, device_type=d.device_type)
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         self.model = torch.compile(raw_model) if args.compile else raw_model
-        self.loader = RandomBatches(args.batch_size, args.seq_len, seed=args.seed)
+        self.loader = random_loader(args.batch_size, args.seq_len, args.grad_accum, seed=args.seed)
         self.step_times, self.round_times = [], []
         self.first_step_s, self.peak_bytes, self.error = None, 0, None
 
     def step(self):
         """One optimizer step, as train_gpt2.train takes it."""
         forward_backward = train_gpt2.forward_backward
-        forward_backward(self.model, self.optimizer, self.loader, self.args.grad_accum, self.d, self.autocast, self.scaler)
+        forward_backward(self.model, self.optimizer, self.loader, self.args.grad_accum, self.d.device, self.autocast,
+                         self.scaler)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -298,8 +293,9 @@ def parse_args(argv=None):
                    help="torch.compile both models (default: on for CUDA, off elsewhere, as in training)")
     p.add_argument("--attn", choices=["auto", "flash", "efficient", "cudnn", "math"], default="auto",
                    help="the scaled_dot_product_attention kernel, forced with torch.nn.attention.sdpa_kernel (default auto)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="autocast precision; auto = train_gpt2.autocast_context: bf16 on CUDA, fp32 elsewhere")
+    p.add_argument("--dtype", choices=["auto", *train_gpt2.DTYPES], default="auto",
+                   help="autocast precision; auto = train_gpt2.autocast_dtype: bf16 on GPUs with bf16 hardware, fp16 on "
+                   "older GPUs, fp32 on CPU and MPS")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--steps", type=int, help="timed steps per model (default: 10 on CPU, 50 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first, per model (default: 2 on CPU, 5 on CUDA)")
@@ -309,7 +305,7 @@ def parse_args(argv=None):
                    help="CPU: train_gpt2.keep_freed_memory() for both models, as training does (default on for "
                    "CPU; then no peak memory is shown: use --no-keep-freed-memory for it)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (default 0: torch's choice)")
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: device_peak_flops on CUDA, none on CPU)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: train_gpt2.peak_flops on CUDA, none on CPU)")
     p.add_argument("--profile", metavar="DIR", default="", help="after timing, profile a few steps of each model into DIR")
     p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (default 3)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the weights and tokens")
@@ -342,16 +338,10 @@ def resolve(args) -> Dist:
 
 
 def precision(args, d: Dist):
-    """(autocast context, GradScaler or None, name of the autocast dtype)."""
-    if args.dtype == "auto":
-        autocast = train_gpt2.autocast_context(d.device_type)
-        dtype = getattr(autocast, "fast_dtype", torch.float32)
-    else:
-        dtype = DTYPES[args.dtype]
-        autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=d.device_type, dtype=dtype)
-    # fp16 needs loss scaling (bf16 and fp32 do not), as in train_gpt2.train
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and d.device_type == "cuda" else None
-    return autocast, scaler, {v: k for k, v in DTYPES.items()}[dtype]
+    """(autocast context, GradScaler or None, name of the autocast dtype): train_gpt2's decision, as in training."""
+    dtype = train_gpt2.autocast_dtype(d.device, args.dtype)
+    return (train_gpt2.autocast_context(d.device_type, dtype), train_gpt2.grad_scaler(d.device_type, dtype),
+            train_gpt2.dtype_name(dtype))
 
 
 def attention_context(backend: str):
@@ -430,7 +420,8 @@ def main(argv=None):
     if args.peer:
         contenders.append(Contender("peer (GPT2LMHeadModel)", build_peer(args, d.device), args, d, autocast, scaler))
     flops_per_token = contenders[0].raw_model.flops_per_token(args.seq_len)
-    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else train_gpt2.device_peak_flops(d)
+    name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
+    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else train_gpt2.peak_flops(name)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
     where = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else f"{d.device_type}, {torch.get_num_threads()} threads" + (

@@ -6,8 +6,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
 
-# a tiny model on Tiny Shakespeare: each step takes a few milliseconds on one CPU thread
-TINY = ["--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+# a tiny model on Tiny Shakespeare: each step takes a few milliseconds on one CPU thread. The preset is
+# named because --input alone would start from the shakespeare preset (dropout 0.1, another LR).
+TINY = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
         "--total-batch-size", "256", "--warmup-steps", "2", "--val-tokens", "1024", "--hellaswag-every", "0",
         "--sample-every", "0", "--checkpoint-every", "0", "--val-every", "0", "--no-compile", "--device", "cpu"]
 
@@ -21,8 +22,10 @@ def train_cmd(*args, nproc=1):
     return launcher + [os.path.join(ROOT, "train_gpt2.py"), *args]
 
 
-def run_train(*args, nproc=1, check=True, timeout=600):
-    p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=timeout)
+def run_train(*args, nproc=1, check=True, timeout=600, nan_steps=""):
+    """train_gpt2.py in a fresh process; nan_steps ("3,5") makes those steps' losses NaN (a test hook)."""
+    env = {**env1(), "TRAIN_GPT2_INJECT_NAN": nan_steps}
+    p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train_gpt2.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

@@ -37,7 +37,7 @@ def test_peer_scores_the_same_targets():
     peer.hf.load_state_dict(ours.hf_state_dict(), strict=False)
     if not peer.shifted:
         pytest.skip("this transformers has no shift_labels: the peer scores one target fewer per row")
-    x, y = bench.RandomBatches(2, 32).next_batch()
+    x, y = bench.random_loader(2, 32).next_batch()
     with torch.no_grad():
         want = ours(x, y)[1].item()
         got = peer(x, y)[1].item()

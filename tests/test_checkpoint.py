@@ -141,7 +141,7 @@ def test_keep_last_checkpoints(tmp_path):
 
 
 def test_nan_loss_is_skipped_and_counted(tmp_path):
-    p = run_train(*ARGS, "--max-steps", "8", "--inject-nan", "3", "--log-dir", str(tmp_path))
+    p = run_train(*ARGS, "--max-steps", "8", "--log-dir", str(tmp_path), nan_steps="3")
     assert "update skipped" in p.stdout
     records = read_log(tmp_path)
     assert (3, "skipped", 1.0) in records
@@ -149,8 +149,8 @@ def test_nan_loss_is_skipped_and_counted(tmp_path):
 
 
 def test_repeated_nan_stops_cleanly_keeping_last_good_checkpoint(tmp_path):
-    p = run_train(*ARGS, "--max-steps", "20", "--checkpoint-every", "2", "--inject-nan", "5,6,7,8",
-                  "--max-bad-steps", "3", "--log-dir", str(tmp_path), check=False)
+    p = run_train(*ARGS, "--max-steps", "20", "--checkpoint-every", "2", "--max-bad-steps", "3",
+                  "--log-dir", str(tmp_path), check=False, nan_steps="5,6,7,8")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "3 non-finite losses in a row at step 7" in p.stderr and "ckpt_000004.pt" in p.stderr
     assert p.stderr.strip().count("\n") == 0  # one line

@@ -112,13 +112,47 @@ def test_rows_longer_than_block_size_are_split(shared_data, tiny_hf_dir):
     check_same(result, *hf_losses(tiny_hf_dir, examples))
 
 
-def test_example_longer_than_block_size_is_an_error():
-    from train_gpt2 import GPT, GPTConfig
+@torch.no_grad()
+def hf_cropped_losses(hf_path, examples, block_size):
+    """(n, 4) summed and mean losses, cropped the way lm-evaluation-harness crops a request longer than
+    the model: per ending, the model reads the last block_size + 1 tokens of context + ending (minus
+    the last), and the ending tokens among the predicted ones are scored. One ending at a time."""
+    from transformers import GPT2LMHeadModel
 
-    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
-    long = {**GOOD, "endings": ["a", "b", "c", "d " * 20]}
-    with pytest.raises(ValueError, match=r"example 1: context \+ ending is \d+ tokens, more than the model's block_size 16"):
-        hellaswag.evaluate(model, [GOOD, long], device="cpu")
+    hf = GPT2LMHeadModel.from_pretrained(hf_path).eval()
+    enc = gpt2_tokenizer()
+    sums, means = torch.zeros(len(examples), 4), torch.zeros(len(examples), 4)
+    for n, ex in enumerate(examples):
+        ctx = enc.encode(ex["ctx"])
+        for i, ending in enumerate(ex["endings"]):
+            end = enc.encode(" " + ending)
+            window = (ctx + end)[-(block_size + 1):]
+            scored = min(len(end), len(window) - 1)
+            logprobs = torch.log_softmax(hf(torch.tensor([window[:-1]])).logits[0].float(), -1)
+            rows = torch.arange(len(window) - 1 - scored, len(window) - 1)
+            nll = -logprobs[rows, torch.tensor(window[-scored:])]
+            sums[n, i], means[n, i] = nll.sum(), nll.mean()
+    return sums, means
+
+
+def test_examples_longer_than_block_size_are_cropped_from_the_left(shared_data, tmp_path):
+    """A 32-position model: most examples are longer (some endings too), a few fit. Scores equal an
+    independent one-ending-at-a-time computation with lm-evaluation-harness's cropping."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from train_gpt2 import GPT
+
+    torch.manual_seed(99)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)).save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    examples = hellaswag.load_examples(val_path(shared_data), limit=40)
+    enc = gpt2_tokenizer()
+    too_long = [len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"]) > 33 for ex in examples]
+    assert 20 <= sum(too_long) < len(examples)  # most are cropped, not all
+    assert any(len(enc.encode(" " + e)) > 32 for ex in examples for e in ex["endings"])  # an ending too
+    result = hellaswag.evaluate(model, examples, device="cpu", batch_size=8)
+    assert result["cropped"] == sum(too_long)
+    check_same(result, *hf_cropped_losses(str(tmp_path), examples, block_size=32))
 
 
 def test_rendering_and_mask():

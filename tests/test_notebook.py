@@ -29,8 +29,8 @@ def executed(tmp_path_factory, shared_data):
     notebook run on it (in memory: play.ipynb itself is never written)."""
     log_dir = tmp_path_factory.mktemp("run") / "log"
     run_train(*TINY, "--batch-size", "8", "--max-steps", "20", "--val-every", "5", "--checkpoint-every", "10",
-              "--hellaswag-every", "10", "--hellaswag-limit", "8", "--block-size", "256", "--inject-nan", "7",
-              "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(log_dir))
+              "--hellaswag-every", "10", "--hellaswag-limit", "8", "--block-size", "256",
+              "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(log_dir), nan_steps="7")
     nb = read_notebook()
     with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
         mp.setenv("LOG_DIR", str(log_dir))
