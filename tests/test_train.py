@@ -1,4 +1,5 @@
 """The training half of train_gpt2.py: loader, schedule, accumulation, DDP, compile, CLI."""
+import contextlib
 import copy
 import math
 import os
@@ -272,3 +273,115 @@ def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
     run_train(*[a for a in TINY if a not in ("--input",) and not a.endswith("tinyshakespeare.txt")],
               "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8", "--log-dir", str(tmp_path / "l"))
     assert len(read_log(tmp_path / "l", "val")) == 2
+
+
+# --- precision, peak FLOP/s, the micro-batch probe (the GPU paths, as far as a CPU can show them) ---
+
+def test_peak_flops_matches_exact_model_names():
+    assert tg.peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert tg.peak_flops("NVIDIA H100 PCIe") == 756e12  # not half of the SXM part
+    assert tg.peak_flops("NVIDIA H100 NVL") == 835e12
+    assert tg.peak_flops("NVIDIA L40S") == 362e12 and tg.peak_flops("NVIDIA L4") == 121e12  # "L4" is in "L40S"
+    assert tg.peak_flops("NVIDIA L40") == 181e12
+    assert tg.peak_flops("NVIDIA A100-SXM4-80GB") == tg.peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert tg.peak_flops("Tesla V100-SXM2-16GB") == 125e12 and tg.peak_flops("Tesla V100-PCIE-32GB") == 112e12
+    assert tg.peak_flops("Tesla T4") == 65e12  # fp16: no bf16 before Ampere
+    assert tg.peak_flops("NVIDIA GeForce RTX 4090") == 165.2e12
+    for unknown in ("NVIDIA A10G", "NVIDIA GeForce RTX 3080", "Quadro RTX 6000", "cpu", ""):
+        assert tg.peak_flops(unknown) is None, unknown
+
+
+def test_one_dtype_decision_on_cpu():
+    cpu = torch.device("cpu")
+    assert tg.autocast_dtype(cpu) == torch.float32  # no bf16 hardware on these CPUs: fp32
+    assert tg.autocast_dtype(cpu, "fp16") == torch.float16 and tg.autocast_dtype(cpu, "bf16") == torch.bfloat16
+    assert isinstance(tg.grad_scaler("cpu", torch.float16), torch.amp.GradScaler)  # fp16 needs loss scaling
+    assert tg.grad_scaler("cpu", torch.bfloat16) is None and tg.grad_scaler("cpu", torch.float32) is None
+    with pytest.raises(tg.ConfigError, match="--dtype fp8"):
+        tg.autocast_dtype(cpu, "fp8")
+
+
+def test_validation_accumulates_no_float64_on_the_device():
+    """MPS has no float64: every float64 tensor validation makes must come from a tensor moved to the
+    host first (.cpu()). Watched through torch's function hook, on a CPU."""
+    from torch.overrides import TorchFunctionMode
+
+    class Float64Watch(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.on_host, self.bad = set(), []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in args if isinstance(a, torch.Tensor)]
+            if func is torch.Tensor.cpu:
+                self.on_host.add(id(out))
+            elif isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                if not inputs or not all(id(a) in self.on_host for a in inputs):
+                    self.bad.append(func.__name__)
+                self.on_host.add(id(out))
+            return out
+
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    arrays, _ = shards_with_ids([200])
+    loader = make_loader(arrays, B=4, T=8, seqs_per_step=4)
+    with Float64Watch() as watch:
+        loss = tg.validation_loss(model, loader, 10, "cpu", contextlib.nullcontext())  # 2 full batches + 1 padded
+    assert math.isfinite(loss) and watch.bad == [], watch.bad
+
+
+def test_micro_batch_probe_leaves_no_trace():
+    """--batch-size auto tries a forward and backward pass; afterwards the random state, the weights
+    and the gradients are those of before, so the run trains as with that --batch-size by hand."""
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.1)).train()
+    weights = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    B, too_big = tg.fit_micro_batch(model, 12, 16, torch.device("cpu"), contextlib.nullcontext(), reserve_bytes=1000)
+    assert (B, too_big) == (12, [])  # a CPU never runs out of memory here: the largest divisor, 12
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_micro_batch_probe_halves_until_it_fits():
+    """What the probe does when the GPU runs out of memory, with a model that runs out above 3 rows."""
+
+    class OutOfMemoryAbove(torch.nn.Module):
+        def __init__(self, rows):
+            super().__init__()
+            self.rows, self.w, self.tried = rows, torch.nn.Parameter(torch.ones(1)), []
+
+        def forward(self, x, y, return_logits=False):
+            self.tried.append(len(x))
+            if len(x) > self.rows:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return None, (self.w * x.float()).sum()
+
+    model = OutOfMemoryAbove(3)
+    assert tg.fit_micro_batch(model, 24, 4, torch.device("cpu"), contextlib.nullcontext(), 0) == (3, [24, 12, 6])
+    assert model.tried == [24, 12, 6, 3]  # halving, each a divisor of 24
+    model = OutOfMemoryAbove(4)
+    assert tg.fit_micro_batch(model, 18, 4, torch.device("cpu"), contextlib.nullcontext(), 0) == (3, [18, 9])
+    with pytest.raises(tg.ConfigError, match="not even one sequence"):
+        tg.fit_micro_batch(OutOfMemoryAbove(0), 8, 4, torch.device("cpu"), contextlib.nullcontext(), 0)
+
+
+def test_fp16_trains_on_cpu_through_overflows(tmp_path):
+    """--dtype fp16 with a GradScaler, on a CPU. A first loss scale of 2**23 makes the fp16 gradients
+    overflow: the scaler skips those updates (the validation loss does not move) and halves the
+    scale, which is logged; none of this counts as a bad step, and training then goes on."""
+    env = {"TRAIN_GPT2_INIT_SCALE": str(2.0**23)}
+    p = run_train(*TINY, "--dtype", "fp16", "--max-steps", "12", "--val-every", "1", "--max-lr", "3e-3",
+                  "--log-dir", str(tmp_path), extra_env=env)
+    assert "autocast: fp16 with loss scaling" in p.stdout
+    scales = read_log(tmp_path, "scale")
+    assert len(scales) >= 2 and all(b == a / 2 for a, b in zip(list(scales.values()), list(scales.values())[1:]))
+    val = read_log(tmp_path, "val")
+    first_overflow = min(scales)
+    assert val[first_overflow + 1] == val[first_overflow]  # the overflowing step changed no weight
+    assert "gradients overflowed: update skipped" in p.stdout
+    assert read_log(tmp_path, "skipped") == {}  # overflows are not bad steps
+    assert all(math.isfinite(v) for v in read_log(tmp_path, "train").values())
+    assert val[11] < val[0] - 0.05  # it trained once the scale fitted
