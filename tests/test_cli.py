@@ -331,3 +331,11 @@ def test_second_ctrl_c_exits_at_once_leaving_a_loadable_checkpoint(tmp_path):
     assert p.returncode == 130, (p.returncode, err[-2000:])
     assert "second interrupt" in err and "stopped by signal" not in out  # it did not wait for the step's end
     assert tg.read_checkpoint(tg.latest_checkpoint(str(d)))["format"] == tg.CHECKPOINT_FORMAT  # loadable
+
+
+def test_every_ddp_rank_stops_on_a_refused_folder(tmp_path):
+    """Rank 0 checks the folder; the other ranks learn its verdict instead of waiting for it forever."""
+    d = tmp_path / "run"
+    run_train(*ARGS, "--max-steps", "1", "--checkpoint-every", "1", "--log-dir", str(d))
+    p = run_train(*ARGS, "--batch-size", "4", "--max-steps", "1", "--log-dir", str(d), nproc=2, check=False, timeout=180)
+    assert p.returncode != 0 and p.stderr.count("holds another run") == 1, p.stderr[-3000:]

@@ -279,6 +279,10 @@ def test_cli_errors_are_one_line(tmp_path, hf_dir_512, shared_data):
         (["--checkpoint", str(bad_ckpt), *data], "not a readable checkpoint"),
         (["--checkpoint", str(tmp_path / "missing.pt"), *data], "no such checkpoint file"),
         (["-m", "not-a-gpt2-model", *data], "cannot load model 'not-a-gpt2-model'"),
+        (["-m", hf_dir_512, "--data", val_path(shared_data), "--limit", "-1"], "--limit -1: must be at least 0"),
+        (["-m", hf_dir_512, *data, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["-m", hf_dir_512, *data, "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+        (["-m", hf_dir_512, *data, "--device", "tpu"], "--device tpu: use auto, cpu, cuda, cuda:N or mps"),
     ]
     for args, message in cases:
         proc = run_cli(*args)
