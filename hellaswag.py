@@ -2,39 +2,22 @@
 hellaswag.py: HellaSwag accuracy of a GPT-2 model, completion style.
 
 Each HellaSwag task is a context ("A man is sitting on a roof. he") and four endings, one of them
-right. The model never sees the choices side by side: we score each ending as a continuation of the
-context and pick the ending it finds most likely. `acc` picks the lowest summed cross-entropy over
-the ending's tokens, `acc_norm` the lowest mean (per token), which stops long endings from losing
-just for being long. train_gpt2.py calls `evaluate()` during training; this file is also a CLI.
+right. The model scores each ending as a continuation of the context: `acc` picks the lowest summed
+cross-entropy over the ending's tokens, `acc_norm` the lowest mean per token (long endings do not
+lose for being long). train_gpt2.py calls `evaluate()` during training; this file is also a CLI:
 
-Runbook
-    python hellaswag.py -m gpt2                        # OpenAI's GPT-2 124M from the Hugging Face hub
-    python hellaswag.py -m path/to/hf_dir              # a local Hugging Face GPT-2 directory
-    python hellaswag.py --checkpoint log/model_19072.pt --out hella.json   # a train_gpt2.py checkpoint
+    python hellaswag.py -m gpt2                                  # OpenAI's GPT-2 124M (Hugging Face hub)
+    python hellaswag.py --checkpoint log/ckpt_019073.pt --out hella.json    # a train_gpt2.py checkpoint
     python hellaswag.py -m gpt2 --data ../shared/data/hellaswag_val.jsonl --limit 500 --device cpu
-    torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl    # examples split over 8 GPUs
+    torchrun --standalone --nproc_per_node=8 hellaswag.py -m gpt2-xl        # examples split over 8 GPUs
 
-Flags: --device (auto: cuda, mps, else cpu; bf16 autocast on CUDA), --batch-size (examples per
-forward pass), --limit N (first N examples), --data FILE (a local JSON-lines file instead of the
-download), --split train|val|test (val by default; test has no labels), --out FILE (JSON: n, acc,
-acc_norm and per-example index, label, pred, pred_norm). The last line printed is the summary:
-    hellaswag val: n=10042 acc=0.2859 acc_norm=0.2955
+The data is downloaded from rowanz/hellaswag on first use (into hellaswag/ or $HELLASWAG_CACHE).
+GPT-2 124M scores acc 0.2859, acc_norm 0.2955 on the 10,042 val examples; GPT-3 Small 0.337.
 
-Data: hellaswag_{train,val,test}.jsonl are downloaded from the official repository (rowanz/hellaswag)
-on first use into a `hellaswag/` folder next to this file, or into $HELLASWAG_CACHE when set.
-
-Reference numbers, all 10,042 val examples, completion style (the original file):
-    GPT-2 124M (OpenAI)   acc 0.2859   acc_norm 0.2955
-    GPT-3 Small (125M)    0.337 (GPT-3 paper, zero-shot)
-    random guessing       0.25
-The local copy in ../shared/data has the WikiHow markup ([header], [title], [step], ...) removed,
-so numbers measured on it differ slightly from those on the original file.
-
-How the scoring is made fast (results equal scoring each example alone, four rows of context +
-ending): the context is computed once per example, in one row "context, ending 0, ..., ending 3",
-where each ending restarts its position ids after the context and attends to the context and to
-itself only (a boolean attention mask); several examples share one padded batch; and the vocabulary
-projection runs only at the positions that predict an ending token.
+Fast, with the results of scoring each example alone: the context is computed once, in one row
+"context, ending 0, ..., ending 3" where each ending restarts its position ids after the context and
+attends to the context and itself only; examples share padded batches; and the vocabulary projection
+runs only where an ending token is predicted. The README has the flags and the measured speed.
 """
 import argparse
 import contextlib

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -1178,7 +1179,7 @@ def run_header(argv, d: Dist) -> list[str]:
         commit = ""
     device = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type
     return [
-        f"command: {' '.join(argv)}",
+        f"command: {shlex.join(argv)}",  # shlex: play.ipynb reads the flags back
         f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"tiktoken {tiktoken.__version__}",
