@@ -1232,3 +1232,14 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --- shared helpers (temporary shims until the datasets rewrite lands) ---
+atomic_write = _atomic_write
+SHARD_RE = re.compile(r"(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy")
+
+
+def download(url: str, path: str):
+    import urllib.request
+
+    _atomic_write(path, lambda f: f.write(urllib.request.urlopen(url, timeout=60).read()))

@@ -82,6 +82,8 @@ class HFPeer(nn.Module):
             self.shifted = False
 
     def forward(self, idx, targets, return_logits=True):
+        # the loader's x and y are views of one (B, T + 1) block; Hugging Face's loss needs contiguous labels
+        idx, targets = idx.contiguous(), targets.contiguous()
         if self.shifted:
             out = self.hf(input_ids=idx, labels=targets, shift_labels=targets)
         else:

@@ -121,16 +121,16 @@ def test_shard_errors(tmp_path):
     raw = open(paths[1], "rb").read()
     open(paths[1], "wb").write(raw[: len(raw) // 2])
     with pytest.raises(tg.DataError, match="t_train_000001.npy.*unreadable.*fineweb.py"):
-        tg.open_shard(paths[1], 32)
+        tg.open_shard(paths[1])
     # the wrong dtype
     wrong = write_shards(str(tmp_path / "wrong"), dtype=np.int32)
     with pytest.raises(tg.DataError, match="t_train_000001.npy.*int32.*uint16"):
-        tg.open_shard(wrong[1], 32)
+        tg.open_shard(wrong[1])
     # ids that are not GPT-2 tokens
     bad = str(tmp_path / "bad_val_000000.npy")
     np.save(bad, np.full(100, 60000, dtype=np.uint16))
     with pytest.raises(tg.DataError, match="60000"):
-        tg.open_shard(bad, 32)
+        tg.open_shard(bad)
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -268,7 +268,7 @@ def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
                         "--txt-docs", "paragraph", "--out-dir", str(out), "--shard-size", "40000", "--workers", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    arrays, paths = tg.load_shards(str(out), "train", 32)
+    arrays, paths = tg.load_shards(str(out), "train")
     assert len(paths) >= 5 and all(a.dtype == np.uint16 for a in arrays)
     run_train(*[a for a in TINY if a not in ("--input",) and not a.endswith("tinyshakespeare.txt")],
               "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8", "--log-dir", str(tmp_path / "l"))
