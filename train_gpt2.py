@@ -1220,13 +1220,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_args(argv=None) -> RunConfig:
-    """Flags over the preset over the defaults; every value checked against its field's range."""
+def make_parser() -> OneLineParser:
+    """A flag per RunConfig field; --help shows each default and the shakespeare preset's value."""
     parser = OneLineParser(prog="train_gpt2.py", description="Train GPT-2 (the module docstring has the commands). "
                            "Explicit flags override the preset.")
     defaults = RunConfig()
-    cli_fields = [f for f in fields(RunConfig) if f.metadata["help"] is not None]
-    for f in cli_fields:
+    for f in fields(RunConfig):
+        if f.metadata["help"] is None:
+            continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         shown = f"default: {getattr(defaults, f.name)!r}"
         if f.name in PRESETS["shakespeare"]:
@@ -1236,7 +1237,14 @@ def parse_args(argv=None) -> RunConfig:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(flag, type=meta["parse"] or f.type, choices=meta["choices"], **kwargs)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return parser
+
+
+def parse_args(argv=None) -> RunConfig:
+    """Flags over the preset over the defaults; every value checked against its field's range."""
+    defaults = RunConfig()
+    cli_fields = [f for f in fields(RunConfig) if f.metadata["help"] is not None]
+    given = {k: v for k, v in vars(make_parser().parse_args(argv)).items() if v is not None}
     preset = given.get("preset") or ("shakespeare" if given.get("input") else defaults.preset)
     cfg = RunConfig(**{**vars(defaults), **PRESETS[preset], **given, "preset": preset, "given": frozenset(given)})
     for f in cli_fields:

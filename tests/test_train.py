@@ -385,3 +385,11 @@ def test_fp16_trains_on_cpu_through_overflows(tmp_path):
     assert read_log(tmp_path, "skipped") == {}  # overflows are not bad steps
     assert all(math.isfinite(v) for v in read_log(tmp_path, "train").values())
     assert val[11] < val[0] - 0.05  # it trained once the scale fitted
+
+
+def test_help_and_readme_name_the_same_flags():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    flags = [a.option_strings[0] for a in tg.make_parser()._actions if a.option_strings[0] != "-h"]
+    assert len(flags) > 30
+    missing = [f for f in flags if f not in readme]
+    assert not missing, f"flags of train_gpt2.py --help that the README does not mention: {missing}"
