@@ -164,8 +164,8 @@ def test_same_bytes_whatever_the_worker_count(parquet_corpus, reference_dir, tmp
     same_files(reference_dir, tmp_path)
 
 
-def test_same_bytes_when_parquet_is_read_by_the_main_process(parquet_corpus, reference_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(fineweb, "PARQUET_PART_BYTES", 0)  # every row group "too big" for a worker task
+def test_same_bytes_whatever_the_read_size(parquet_corpus, reference_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fineweb, "READ_DOCS", 7)  # `datasets` hands over 7 documents at a time
     build(parquet_corpus, tmp_path, workers=2, batch_chars=2000)
     same_files(reference_dir, tmp_path)
     build(parquet_corpus, tmp_path / "resumed", workers=2, max_tokens=3 * SHARD + 77)
@@ -234,7 +234,7 @@ def wait_for_shards(proc, out_dir, n, timeout=60):
 
 
 def test_resume_after_sigkill_equals_one_run(parquet_corpus, tmp_path):
-    small = 1000  # more shards, so the kill lands mid-run
+    small = 1025  # the smallest shards allowed: more of them, so the kill lands mid-run
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     build(parquet_corpus, whole, shard_size=small, workers=2)
     proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", cut, "--shard-size", small, "--workers", 2)
@@ -266,7 +266,7 @@ def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, reference_di
 
 def test_other_settings_in_the_same_folder_are_an_error(parquet_corpus, reference_dir, tmp_path):
     folder = tmp_path / "out"
-    build(parquet_corpus, folder, max_tokens=SHARD)
+    build(parquet_corpus, folder, max_tokens=SHARD + 1)
     result = cli("--dataset", parquet_corpus, "--out-dir", folder, "--shard-size", SHARD + 1)
     assert result.returncode != 0
     assert "--shard-size was 5000, now 5001" in result.stderr and "Traceback" not in result.stderr
@@ -349,20 +349,26 @@ def test_folder_of_mixed_files(documents, tmp_path):
 
 
 def test_hub_reader_streaming_and_cached(documents, tmp_path, monkeypatch):
-    """HubSource through `datasets` (offline: a local folder is a valid dataset path)."""
+    """The hub path of open_dataset (files=None) through `datasets` (offline: a local folder is a valid
+    dataset path for load_dataset)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     folder = tmp_path / "hub_like"
     os.makedirs(folder)
     write_parquet(folder / "train.parquet", documents)
+
+    def texts(ds, start=0):
+        return [d for _, batch in fineweb.batches(ds, start, 5000, "hub") for d in batch.to_pylist()]
+
     for streaming in (True, False):
         cfg = fineweb.BuildConfig(dataset=str(folder), streaming=streaming, cache_dir=str(tmp_path / "cache"))
-        source = fineweb.HubSource(cfg)
-        assert [d for chunk in source.texts() for d in chunk] == documents
-        assert [d for chunk in source.texts(start=150) for d in chunk] == documents[150:]
+        ds, settings = fineweb.open_dataset(cfg, None)
+        assert settings["dataset"] == str(folder) and settings["split"] == "train"
+        assert texts(ds) == documents
+        assert texts(ds, start=150) == documents[150:]
     cfg = fineweb.BuildConfig(dataset=str(folder), text_column="body", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(fineweb.FinewebError, match="no column 'body'; its columns are: id, text"):
-        next(fineweb.HubSource(cfg).texts())
+        fineweb.open_dataset(cfg, None)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -391,7 +397,7 @@ def test_unknown_column_lists_the_columns(documents, tmp_path):
                  "d.parquet has no column 'body'; its columns are: id, text", "--text-column")
     jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:20])
     assert_error(cli("--dataset", jsonl, "--text-column", "body", "--out-dir", tmp_path / "o2"),
-                 "d.jsonl line 1 has no key 'body'; its keys are: id, text")
+                 "d.jsonl has no column 'body'; its columns are: id, text")
     assert leftovers(tmp_path) == []
 
 
@@ -400,19 +406,23 @@ def test_non_string_text(documents, tmp_path):
     assert_error(cli("--dataset", parquet, "--text-column", "number", "--out-dir", tmp_path / "o1"),
                  "column 'number' holds int64, not text")
     parquet = write_parquet(tmp_path / "nulls.parquet", documents[:100] + [None] + documents[100:110])
-    assert_error(cli("--dataset", parquet, "--out-dir", tmp_path / "o3"), "nulls.parquet: row 100 has no text")
-    # a bad value deep in the file (the start is checked before any work; this is found while
-    # building): the shards before it are kept whole, nothing half-written
+    assert_error(cli("--dataset", parquet, "--out-dir", tmp_path / "o3"),
+                 "nulls.parquet: document 100 (counting from 0) has no text")
+    assert not os.path.exists(tmp_path / "o3")
+    # a JSON key holding a number in one line and strings in the others
     with open(tmp_path / "d.jsonl", "w", encoding="utf-8") as f:
         for doc in (documents * 3)[:1100]:
             f.write(json.dumps({"text": doc}) + "\n")
         f.write(json.dumps({"text": 42}) + "\n")
-    result = cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o2", "--shard-size", 20000, "--batch-chars", 2000)
-    assert_error(result, "d.jsonl line 1101: 'text' is int, not a string")
+    assert_error(cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o4"),
+                 "column 'text' holds values of mixed JSON types, not text")
+    # a bad value deep in the file, found while building: the shards before it are kept whole, nothing
+    # half-written
+    parquet = write_parquet(tmp_path / "deep.parquet", (documents * 13)[:5000] + [None])
+    result = cli("--dataset", parquet, "--out-dir", tmp_path / "o2", "--shard-size", 20000, "--batch-chars", 2000)
+    assert_error(result, "deep.parquet: document 5,000 (counting from 0) has no text")
     assert len(shard_files(tmp_path / "o2")) >= 2 and fineweb.verify(str(tmp_path / "o2"), log=lambda *a: None) == []
     assert leftovers(tmp_path) == []
-    with pytest.raises(fineweb.FinewebError, match="document 6 .* is null, not a string"):
-        list(fineweb.TokenizerPool(0).tokenize([(5, ["fine", None])]))
 
 
 def test_unwritable_out_dir(documents, tmp_path):
