@@ -2,11 +2,11 @@
 fineweb.py: a text dataset -> GPT-2 token shards (.npy, uint16) for train_gpt2.py.
 
 Reads documents with Hugging Face `datasets` (FineWeb-Edu sample-10BT from the hub by default, or local
-.parquet/.jsonl/.json/.txt files or folders), tokenizes them with the GPT-2 BPE on every core and writes
+.parquet/.jsonl/.json/.txt files and folders), tokenizes them with the GPT-2 BPE on every core, and writes
 shards of --shard-size tokens: <out-dir>/<prefix>_val_000000.npy, then <prefix>_train_000001.npy, ...
 Every document is <|endoftext|> (50256) followed by its tokens, in source order; a document that does not
 fit continues in the next shard. <out-dir>/manifest.json records each shard (tokens, documents, where it
-starts and ends in the document stream, sha256). Rerunning the same command resumes an interrupted build
+starts and ends in the document stream, sha256): rerunning the same command resumes an interrupted build
 and rewrites missing or corrupt shards, with the bytes one unbroken run writes.
 
     python fineweb.py                                      # FineWeb-Edu sample-10BT -> edu_fineweb10B/
@@ -17,7 +17,7 @@ and rewrites missing or corrupt shards, with the bytes one unbroken run writes.
     python -m bench.fineweb                                # speed, next to tiktoken alone on all cores
 
 README.md ("Data") is the manual. train_gpt2.py and hellaswag.py import EOT, gpt2_tokenizer, SHARD_RE,
-shard_name, atomic_write and download from here. No torch here.
+shard_name, atomic_write and download from here.
 """
 import argparse
 import collections
@@ -37,6 +37,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import tiktoken
 from tqdm import tqdm
 
@@ -89,16 +90,15 @@ def shard_name(prefix: str, index: int) -> str:
 
 
 def atomic_write(path: str, write):
-    """Call write(f) on a new temporary file beside `path`, flush it to disk, rename it over `path`; return
-    write's result. A crash leaves the old file or the new one, never half of one; the temporary file is
-    removed on any exception (Ctrl-C included). The file gets a new file's usual permissions."""
+    """write(f) into a new temporary file beside `path`, flushed to disk, then renamed over `path`: a crash leaves
+    the old file or the new one. The temporary file is removed on any exception. Returns write's result."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w+b") as f:
             umask = os.umask(0o022)  # reading the umask means setting it
             os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's 0600
+            os.chmod(tmp, 0o666 & ~umask)  # a new file's usual permissions, not mkstemp's 0600
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -117,9 +117,8 @@ def atomic_write(path: str, write):
 
 
 def download(url: str, path: str):
-    """Fetch `url` into `path` with atomic_write: an interrupted download never looks finished. Raises OSError
-    (urllib.error.URLError is one) on failure."""
-    import urllib.request
+    """Fetch `url` into `path` with atomic_write (an interrupted download never looks finished); raises OSError."""
+    import urllib.request  # its URLError is an OSError
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with urllib.request.urlopen(url, timeout=60) as response:
@@ -135,7 +134,7 @@ BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "t
 TXT_DOCS = {"file": "document", "paragraph": "paragraph", "line": "line"}  # --txt-docs: the text builder's sample_by
 EOT_TEXT = "<|endoftext|>"
 SEQUENCE = 1025  # tokens of one GPT-2 training sequence: 1024 inputs + 1 target
-READ_DOCS = 512  # documents per Arrow batch read from `datasets`; worker tasks are made of these
+READ_DOCS = 512  # documents per Arrow table read from `datasets`; worker tasks are made of these
 INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
 
 
@@ -147,8 +146,7 @@ def available_cpus() -> int:  # fewer than os.cpu_count() under taskset and in s
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def opt(default, help: str, least=None, most=None, why=""):
-    """A BuildConfig field: its default, its --help and, for a number, the values allowed."""
+def opt(default, help: str, least=None, most=None, why=""):  # a BuildConfig field; a number gets a range
     return dataclasses.field(default=default, metadata={"help": help, "range": (least, most, why)})
 
 
@@ -177,12 +175,9 @@ def check_config(cfg: BuildConfig):
             allowed = f"from {least:,} to {most:,}" if most else f"of at least {least:,}"
             raise FinewebError(f"--{f.name.replace('_', '-')} must be an integer {allowed}{why}, got {value:,}")
     if cfg.max_tokens is not None and cfg.max_tokens <= cfg.shard_size:
-        raise FinewebError(f"--max-tokens {cfg.max_tokens:,} leaves no train shard: it must exceed --shard-size "
-                           f"{cfg.shard_size:,} (the first shard is the val shard)")
-    if not cfg.prefix or "/" in cfg.prefix or os.sep in cfg.prefix or (os.altsep or "/") in cfg.prefix:
+        raise FinewebError(f"--max-tokens must exceed --shard-size ({cfg.shard_size:,}): the val shard comes first")
+    if not cfg.prefix or any(sep and sep in cfg.prefix for sep in ("/", os.sep, os.altsep)):
         raise FinewebError(f"--prefix {cfg.prefix!r}: give a non-empty file name prefix, without a path separator")
-    if cfg.txt_docs not in TXT_DOCS:
-        raise FinewebError(f"--txt-docs must be one of {', '.join(TXT_DOCS)}, got {cfg.txt_docs!r}")
 
 
 def first_line(e: BaseException) -> str:
@@ -195,12 +190,11 @@ def first_line(e: BaseException) -> str:
 
 def local_files(dataset: str) -> list[str] | None:
     """The file, or the folder's files (recursively, in sorted path order, "." names skipped); None for a hub
-    name: not an existing path nor one that looks like a path (so that a typo is a missing file)."""
+    name: a missing path that does not look like one (so that a typo is reported as a missing file)."""
     path, suffixes = os.path.abspath(os.path.expanduser(dataset)), tuple(BUILDERS)
     if not os.path.exists(path):
         if dataset.startswith((".", "/", "~", "\\")) or dataset.lower().endswith(suffixes) or dataset.count("/") > 1:
-            raise FinewebError(f"--dataset {dataset}: no such file or folder (give an existing .parquet/.jsonl/.json/"
-                               ".txt file or folder, or a hub dataset name such as HuggingFaceFW/fineweb-edu)")
+            raise FinewebError(f"--dataset {dataset}: no such file or folder (nor a hub name like {DEFAULT_DATASET})")
         return None
     if not os.path.isdir(path):
         if not path.lower().endswith(suffixes):
@@ -215,11 +209,9 @@ def local_files(dataset: str) -> list[str] | None:
     return sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep))
 
 
-def paragraphs(table):
-    """Runs of non-blank lines joined by "\\n" (--txt-docs paragraph and line). The text builder splits at
-    "\\n\\n" (paragraph) or "\\n" (line) only; this also splits at lines of blanks and drops empty lines."""
-    import pyarrow as pa
-
+def paragraphs(table: pa.Table) -> pa.Table:
+    """Runs of non-blank lines joined by "\\n": the text builder splits at "\\n\\n" (paragraph) or "\\n" (line)
+    only; this also splits at lines of blanks and drops empty lines, as --txt-docs paragraph/line always did."""
     docs, run = [], []
     for line in (line for text in table.column(0).to_pylist() for line in text.split("\n") + [""]):
         if line.strip():
@@ -231,7 +223,7 @@ def paragraphs(table):
 
 
 def text_only(ds, column: str, where: str, txt_docs: str | None = None):
-    """The dataset reduced to its text column, named `column`, in Arrow batches; txt_docs: from .txt files."""
+    """The dataset reduced to its text column, named `column`, in Arrow tables; txt_docs: from .txt files."""
     if txt_docs:  # the text builder's one column is "text"
         ds = ds.rename_column("text", column) if column != "text" else ds
     else:
@@ -245,8 +237,8 @@ def text_only(ds, column: str, where: str, txt_docs: str | None = None):
 
 
 def open_dataset(cfg: BuildConfig, files: list[str] | None):
-    """--dataset as one IterableDataset (local `files`, else a hub dataset), and the settings naming it. Files
-    go through one `load_dataset` per run of files of the same kind, concatenated in file order."""
+    """--dataset as one IterableDataset (local `files`, else a hub dataset) and the settings naming it. Files go
+    through one `load_dataset` per run of files of the same kind, concatenated in file order."""
     if "datasets" not in sys.modules:
         os.environ.setdefault("USE_TORCH", "0")  # else every IterableDataset imports torch (seconds, 100s of MB)
     import datasets
@@ -258,8 +250,7 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
             ds = datasets.load_dataset(cfg.dataset, name, split=cfg.split, streaming=cfg.streaming,
                                        cache_dir=cfg.cache_dir)
         except Exception as e:  # network, unknown name or config, authentication: the message says which
-            raise FinewebError(f"cannot load hub dataset --dataset {cfg.dataset} (--name {name}, --split {cfg.split}):"
-                               f" {first_line(e)} (it is not a local file or folder either)") from None
+            raise FinewebError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
         ds = text_only(ds if cfg.streaming else ds.to_iterable_dataset(), cfg.text_column, f"--dataset {cfg.dataset}")
         return ds, {"dataset": cfg.dataset, "name": name, "split": cfg.split, "text_column": cfg.text_column}
     parts = []
@@ -272,9 +263,9 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
             raise FinewebError(f"{paths[0]}: cannot read it as {builder} ({first_line(e)})") from None
         parts.append(text_only(ds, cfg.text_column, paths[0], txt_docs))
     root = os.path.abspath(os.path.expanduser(cfg.dataset))  # names and sizes: a changed dataset is not resumed
-    listing = "\n".join(f"{os.path.relpath(f, root)}\t{os.path.getsize(f)}" for f in files)
+    listing = "\n".join(f"{os.path.relpath(f, root)}\t{os.path.getsize(f)}" for f in files).encode()
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts), {
-        "dataset": root, "files": len(files), "files_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "dataset": root, "files": len(files), "files_sha256": hashlib.sha256(listing).hexdigest(),
         "text_column": cfg.text_column, "txt_docs": cfg.txt_docs}
 
 
@@ -283,10 +274,8 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
 
 
 def batches(ds, start: int, batch_chars: int, label: str):
-    """(first document, its texts as one Arrow array) from document `start` on. Resuming skips documents with
+    """(first document, its texts as one Arrow array) from document `start` on; resuming skips documents with
     `.skip(start)`: they are read again, not tokenized."""
-    import pyarrow as pa
-
     reader, doc, chunks, size = iter((ds.skip(start) if start else ds).iter(batch_size=READ_DOCS)), start, [], 0
     while True:
         n = doc + sum(map(len, chunks))  # the next document
@@ -302,8 +291,7 @@ def batches(ds, start: int, batch_chars: int, label: str):
             raise FinewebError(f"{label}: column {column!r} holds {kind}, not text (pick another --text-column)")
         if texts.null_count:
             i = texts.is_null().to_pylist().index(True)
-            raise FinewebError(f"{label}: document {n + i:,} (counting from 0) has no text (null in column "
-                               f"{column!r}); every document must be a string")
+            raise FinewebError(f"{label}: document {n + i:,} (counting from 0) has no text (null in {column!r})")
         chunks, size = chunks + texts.chunks, size + texts.nbytes
         if size >= batch_chars:
             yield doc, pa.concat_arrays(chunks)  # a compact copy: a pickled slice carries its whole buffer
@@ -319,12 +307,11 @@ def batches(ds, start: int, batch_chars: int, label: str):
 def tokenize_batch(texts) -> np.ndarray:
     """Texts (a list or an Arrow array) -> [<|endoftext|>, tokens of text 0, <|endoftext|>, ...] as uint16.
 
-    Fast path: one tiktoken call on the texts joined by "<|endoftext|>", with that special token allowed.
-    tiktoken encodes the text between special tokens separately, so this equals encode_ordinary() per text
-    with 50256 in front, without a Python round trip per text. It holds only when no text contains the
-    literal "<|endoftext|>" (encode_ordinary spells that out): then the joined text holds one separator per
-    text. Otherwise, and for text with lone surrogates, each text is encoded on its own.
-    GPT-2 ids are < 50257 < 2**16, so uint16 holds them.
+    Fast path: one tiktoken call on the texts joined by "<|endoftext|>", that special token allowed. tiktoken
+    encodes the text between special tokens separately, so this equals encode_ordinary() per text with 50256
+    in front, without a Python round trip per text. It holds when no text contains the literal "<|endoftext|>"
+    (encode_ordinary spells that out): then the joined text holds one separator per text. Otherwise, and for
+    text with lone surrogates, each text is encoded on its own. GPT-2 ids are < 2**16: uint16 holds them.
     """
     enc, texts = gpt2_tokenizer(), texts if isinstance(texts, list) else texts.to_pylist()
     text = EOT_TEXT + EOT_TEXT.join(texts)
@@ -356,9 +343,8 @@ def tokenized(pool, workers: int, batches):
 
 
 def position(tokens: np.ndarray, doc: int, offset: int, k: int) -> list[int]:
-    """[document, token offset] of tokens[k], where tokens[0] is token `offset` of document `doc` and the last
-    document ends in `tokens` (k = len(tokens): the next document). Counting 50256s works because
-    encode_ordinary never emits it: every 50256 opens a document."""
+    """[document, token offset] of tokens[k] (k = len(tokens): the next document), where tokens[0] is token
+    `offset` of document `doc`. Every 50256 opens a document: encode_ordinary never emits it."""
     starts = np.flatnonzero(tokens[: k + 1] == EOT)
     if k == len(tokens):
         return [doc + len(starts) + (offset > 0), 0]
@@ -366,8 +352,8 @@ def position(tokens: np.ndarray, doc: int, offset: int, k: int) -> list[int]:
 
 
 def write_shard(cfg: BuildConfig, manifest: dict, index: int, tokens: np.ndarray, start: list[int], end: list[int]):
-    """Save shard `index` atomically and record it in the manifest; a shard the manifest lists already (a
-    repair) must come out the same, positions and bytes."""
+    """Save shard `index` and record it in the manifest; one the manifest lists already (a repair) must come
+    out the same."""
     name, shards = shard_name(cfg.prefix, index), manifest["shards"]
     entry = {"file": name, "split": "val" if index == 0 else "train", "tokens": len(tokens),
              "documents": int(np.count_nonzero(tokens == EOT)), "start": start, "end": end}
@@ -379,13 +365,12 @@ def write_shard(cfg: BuildConfig, manifest: dict, index: int, tokens: np.ndarray
         f.seek(0)
         sha = hashlib.sha256(f.read(header))
         sha.update(tokens)  # the bytes after the header, without reading them back
-        if known and {**entry, "sha256": sha.hexdigest()} != known:
-            raise FinewebError(f"{name}: the source now gives other tokens than {MANIFEST} records: it changed since "
-                               "the folder was built; delete the folder or choose another --out-dir")
-        return sha.hexdigest()
+        entry["sha256"] = sha.hexdigest()
+        if known and entry != known:
+            raise FinewebError(f"{name} comes out other than {MANIFEST} says: the source changed; delete the folder")
 
     try:
-        entry["sha256"] = atomic_write(os.path.join(cfg.out_dir, name), write)
+        atomic_write(os.path.join(cfg.out_dir, name), write)
         if not known:
             shards.append(entry)
             save_manifest(cfg.out_dir, manifest)
@@ -393,19 +378,17 @@ def write_shard(cfg: BuildConfig, manifest: dict, index: int, tokens: np.ndarray
         raise FinewebError(f"cannot write {os.path.join(cfg.out_dir, name)}: {e.strerror}") from None
 
 
-def write_shards(ds, pool, cfg: BuildConfig, manifest: dict, index: int, start: list[int], budget: int | None,
-                 bar) -> tuple[int, bool]:
+def write_shards(ds, pool, cfg: BuildConfig, manifest: dict, index: int, start: list[int], budget, bar) -> tuple:
     """Shards from number `index` and document position `start` on, until `budget` tokens or the end of the
-    data; a full shard is written when more tokens come, so that the last one is known. Returns the tokens
-    written and whether the data ran out."""
+    data; a full shard is written when more tokens come (so the last one is known). Returns the tokens written
+    and whether the data ran out."""
     buffer, fill, new, last = np.empty(cfg.shard_size, dtype=np.uint16), 0, 0, None
     for doc, n, tokens in tokenized(pool, cfg.workers, batches(ds, start[0], cfg.batch_chars, cfg.dataset)):
         offset = start[1] if doc == start[0] else 0  # resuming inside a document split across shards
         if offset and (offset >= len(tokens) or tokens[offset] == EOT):
-            raise FinewebError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed since "
-                               f"{cfg.out_dir} was built; delete the folder or choose another --out-dir")
-        tokens = tokens[offset:]
-        limit, k = len(tokens) if budget is None else min(len(tokens), budget - new), 0
+            raise FinewebError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed; delete it")
+        tokens, k = tokens[offset:], 0
+        limit = len(tokens) if budget is None else min(len(tokens), budget - new)
         while k < limit:
             if fill == len(buffer):
                 end = position(tokens, doc, offset, k)
@@ -420,17 +403,16 @@ def write_shards(ds, pool, cfg: BuildConfig, manifest: dict, index: int, start: 
             break
     ran_out = budget is None or new < budget
     if ran_out and index == 0:  # all of it fits in the val shard: nothing to train on
-        fix = (f"use a smaller --shard-size, e.g. {new // 2:,}" if new >= 2 * SEQUENCE else
-               f"it needs at least {2 * SEQUENCE:,} (a val and a train shard of one GPT-2 sequence each)")
-        raise FinewebError(f"--dataset {cfg.dataset} " + (f"yields {new:,} tokens, fewer than one val shard plus a "
-                           f"train shard (--shard-size {cfg.shard_size:,}); {fix}" if new else "holds no documents"))
+        fix = f"e.g. --shard-size {(new + 1) // 2:,}" if new >= 2 * SEQUENCE else f"it needs {2 * SEQUENCE:,} tokens at least"
+        raise FinewebError(f"--dataset {cfg.dataset} yields {new:,} tokens, fewer than a val shard plus a train shard "
+                           f"(--shard-size {cfg.shard_size:,}); {fix}" if new else f"--dataset {cfg.dataset} is empty")
     if fill:
         write_shard(cfg, manifest, index, buffer[:fill], start, position(*last))
     return new, ran_out
 
 
 # -----------------------------------------------------------------------------------------------
-# Manifest: what the folder holds; resume, repair, verify
+# Manifest: what the folder holds; build, repair and resume; verify
 
 
 def save_manifest(out_dir: str, manifest: dict):
@@ -455,15 +437,15 @@ def load_manifest(out_dir: str) -> dict | None:
         raise FinewebError(f"{path} is unreadable ({first_line(e)}); delete {out_dir} to rebuild") from None
 
 
-def shard_ok(out_dir: str, shard: dict) -> bool:
-    """The shard file has the sha256 the manifest records (so its tokens, documents and positions too)."""
+def shard_problem(out_dir: str, shard: dict) -> str:
+    """"" when the file has the sha256 its manifest entry records (so its tokens, documents and positions too)."""
     path, sha = os.path.join(out_dir, shard["file"]), hashlib.sha256()
     if not os.path.isfile(path):
-        return False
+        return "missing"
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             sha.update(block)
-    return sha.hexdigest() == shard["sha256"]
+    return "" if sha.hexdigest() == shard["sha256"] else "sha256 differs from the manifest (changed or truncated)"
 
 
 def open_out_dir(cfg: BuildConfig, settings: dict, log) -> dict:
@@ -481,8 +463,8 @@ def open_out_dir(cfg: BuildConfig, settings: dict, log) -> dict:
     if ours and not os.path.exists(os.path.join(cfg.out_dir, MANIFEST)):
         raise FinewebError(f"{cfg.out_dir} holds shards ({ours[0]}, ...) but no {MANIFEST}, so they cannot be resumed "
                            "or verified; delete them or choose another --out-dir")
-    was = manifest["settings"]
-    changed = [k for k in sorted(set(settings) | set(was)) if settings.get(k) != was.get(k)] if manifest["shards"] else []
+    was = manifest["settings"] if manifest["shards"] else settings
+    changed = [k for k in sorted(set(settings) | set(was)) if settings.get(k) != was.get(k)]
     if changed:
         what = "; ".join("the files of --dataset changed (names or sizes)" if k == "files_sha256" else
                          f"--{k.replace('_', '-')} was {was.get(k)!r}, now {settings.get(k)!r}" for k in changed)
@@ -518,23 +500,23 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
         if shards and not manifest["finished"] and shards[-1]["tokens"] < cfg.shard_size:
             os.remove(os.path.join(cfg.out_dir, shards.pop()["file"]))  # cut by --max-tokens: rewritten whole
             save_manifest(cfg.out_dir, manifest)
-        bad = [i for i, shard in enumerate(shards) if not shard_ok(cfg.out_dir, shard)]
+        bad = [i for i, shard in enumerate(shards) if shard_problem(cfg.out_dir, shard)]
         for first in (i for i in bad if i - 1 not in bad):  # each run of consecutive missing or corrupt shards
             last = next(i for i in itertools.count(first) if i + 1 not in bad)
             log(f"{PROG}: rewriting {', '.join(s['file'] for s in shards[first : last + 1])} (missing or corrupt)")
             with bar(sum(s["tokens"] for s in shards[first : last + 1]), "repair") as b:
                 write_shards(ds, pool, cfg, manifest, first, shards[first]["start"], b.total, b)
         done, before = sum(s["tokens"] for s in shards), len(shards)
-        if manifest["finished"] or (cfg.max_tokens or done + 1) <= done:
-            log(f"{PROG}: {cfg.out_dir} holds {len(shards)} shards, {done:,} tokens; nothing to do")
+        if manifest["finished"] or done >= (cfg.max_tokens or done + 1):
+            log(f"{PROG}: {cfg.out_dir} holds {len(shards)} shards, {done:,} tokens; nothing more to do")
         else:
             log(f"{PROG}: {cfg.dataset} -> {cfg.out_dir}/ in shards of {cfg.shard_size:,} tokens, {cfg.workers} workers"
                 + (f"; resuming after {len(shards)} shards ({done:,} tokens)" if shards else ""))
             with bar(cfg.max_tokens, PROG) as b:
                 b.update(done)
-                new_tokens, manifest["finished"] = write_shards(ds, pool, cfg, manifest, len(shards), shards[-1]["end"]
-                                                                if shards else [0, 0], cfg.max_tokens and
-                                                                cfg.max_tokens - done, b)
+                start = shards[-1]["end"] if shards else [0, 0]
+                budget = None if cfg.max_tokens is None else cfg.max_tokens - done
+                new_tokens, manifest["finished"] = write_shards(ds, pool, cfg, manifest, len(shards), start, budget, b)
             save_manifest(cfg.out_dir, manifest)
     except BaseException:
         if created and os.path.isdir(cfg.out_dir) and not os.listdir(cfg.out_dir):
@@ -544,31 +526,27 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
         if pool:
             pool.terminate()
             pool.join()
-    seconds, tokens, end = time.perf_counter() - t0, done + new_tokens, shards[-1]["end"]
-    summary = {"shards": len(shards), "tokens": tokens, "documents": end[0] + (end[1] > 0), "finished":
-               manifest["finished"], "new_shards": len(shards) - before, "new_tokens": new_tokens,
+    seconds, end = time.perf_counter() - t0, shards[-1]["end"]
+    summary = {"shards": len(shards), "tokens": done + new_tokens, "documents": end[0] + (end[1] > 0),
+               "finished": manifest["finished"], "new_shards": len(shards) - before, "new_tokens": new_tokens,
                "seconds": seconds, "startup_seconds": t0 - t_start}
     if new_tokens:
-        log(f"{PROG}: done: {len(shards)} shards (1 val + {len(shards) - 1} train) in {cfg.out_dir}/, {tokens:,} tokens,"
-            f" {summary['documents']:,} documents; this run: {new_tokens:,} tokens in {seconds:.1f} s "
-            f"({new_tokens / max(seconds, 1e-9):,.0f} tokens/s)"
-            + ("" if manifest["finished"] else f"; stopped at --max-tokens {cfg.max_tokens:,}"))
+        log(f"{PROG}: done: {len(shards)} shards, {summary['tokens']:,} tokens, {summary['documents']:,} documents in "
+            f"{cfg.out_dir}/{'' if manifest['finished'] else ' (--max-tokens)'}; this run: {new_tokens:,} tokens in "
+            f"{seconds:.1f} s, {new_tokens / max(seconds, 1e-9):,.0f} tokens/s")
     return summary
 
 
 def verify(out_dir: str, log=print) -> list[str]:
-    """Check every shard's sha256 against the manifest, one line per file; return the shards that fail."""
+    """Check every shard's sha256 against the manifest, one line per file; return the problems."""
     manifest = load_manifest(out_dir)
     if manifest is None:
         raise FinewebError(f"{out_dir} has no {MANIFEST}: nothing to verify (is --out-dir right?)")
     problems = []
     for shard in manifest["shards"]:
-        path = os.path.join(out_dir, shard["file"])
-        problem = "" if shard_ok(out_dir, shard) else "missing" if not os.path.exists(path) else \
-            "sha256 differs from the manifest (changed, truncated or corrupt)"
+        problem = shard_problem(out_dir, shard)
         problems += [f"{shard['file']}: {problem}"] if problem else []
-        log(f"FAIL {problems[-1]}" if problem else f"ok   {shard['file']}: {shard['tokens']:,} tokens, "
-            f"{shard['documents']:,} documents")
+        log(f"FAIL {problems[-1]}" if problem else f"ok   {shard['file']}: {shard['tokens']:,} tokens")
     log(f"{PROG}: {len(manifest['shards'])} shards, {sum(s['tokens'] for s in manifest['shards']):,} tokens, "
         + ("complete" if manifest["finished"] else "not finished") + f"; {len(problems)} problem(s)"
         + ("; rerun the same build command to repair them" if problems else ""))
@@ -584,12 +562,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "shards; README.md (Data) is the manual.")
     for f in dataclasses.fields(BuildConfig):
         kind = {"type": int} if f.metadata["range"][0] is not None else {}
-        if isinstance(f.default, bool):
-            kind = {"action": argparse.BooleanOptionalAction}
-        elif f.name == "txt_docs":
-            kind = {"choices": list(TXT_DOCS)}
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else kind
+        kind = {"choices": list(TXT_DOCS)} if f.name == "txt_docs" else kind
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f"{f.metadata['help']} "
+                       f"(default: {f.default})", **kind)
     p.add_argument("--verify", action="store_true", help=f"check the shards in --out-dir against {MANIFEST}, then exit")
     return p.parse_args(argv)
 

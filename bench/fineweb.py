@@ -39,7 +39,7 @@ import psutil
 
 import fineweb
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shared", "data")
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 
 
 # -----------------------------------------------------------------------------------------------

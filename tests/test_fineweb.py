@@ -4,6 +4,7 @@ Everything runs on CPU from local files made of ../shared/data, with tiny shards
 tokens) so that documents are split across shards and there are many files to compare.
 """
 import hashlib
+import io
 import json
 import os
 import signal
@@ -301,6 +302,39 @@ def test_verify_passes_then_names_a_corrupted_shard(reference_dir, tmp_path):
     assert any("edufineweb_train_000001.npy: missing" in p for p in problems)
 
 
+def test_rerun_repairs_missing_and_corrupt_shards(parquet_corpus, reference_dir, tmp_path):
+    """Through the command line: one shard deleted, one with a byte changed, one truncated; --verify names
+    them and says how to repair; the same build command rewrites just those three, byte for byte."""
+    command = ["--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2]
+    assert cli(*command).returncode == 0
+    same_files(reference_dir, tmp_path)
+    shards = fineweb.load_manifest(str(tmp_path))["shards"]
+    # the corrupted one begins inside a document: rebuilding it starts at a recorded token offset
+    split = next(i for i, s in enumerate(shards) if s["start"][1] > 0 and 2 <= i < len(shards) - 1)
+    deleted, changed, truncated = (shards[i]["file"] for i in (1, split, len(shards) - 1))
+    original = {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)}
+    os.remove(tmp_path / deleted)
+    data = bytearray(original[changed])
+    data[-7] ^= 0x01
+    (tmp_path / changed).write_bytes(bytes(data))
+    (tmp_path / truncated).write_bytes(original[truncated][:1000])
+    untouched = {n: os.stat(tmp_path / n).st_mtime_ns for n in original if n not in (deleted, changed, truncated)}
+
+    result = cli("--verify", "--out-dir", tmp_path)
+    assert result.returncode == 1
+    failed = sorted(line.split()[1].rstrip(":") for line in result.stdout.splitlines() if line.startswith("FAIL"))
+    assert failed == sorted([deleted, changed, truncated])
+    assert "3 problem(s); rerun the same build command to repair them" in result.stdout
+
+    result = cli(*command)
+    assert result.returncode == 0, result.stderr
+    assert "rewriting" in result.stdout and "nothing more to do" in result.stdout
+    assert {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)} == original
+    assert {n: os.stat(tmp_path / n).st_mtime_ns for n in untouched} == untouched  # the others were left alone
+    assert fineweb.load_manifest(str(tmp_path))["shards"] == shards and leftovers(tmp_path) == []
+    assert cli("--verify", "--out-dir", tmp_path).returncode == 0
+
+
 # -----------------------------------------------------------------------------------------------
 # Sources
 
@@ -321,6 +355,58 @@ def test_jsonl_json_and_txt_sources(documents, reference_dir, tmp_path):
         (txt_dir / f"{i:04d}.txt").write_text(doc, encoding="utf-8")
     build(txt_dir, tmp_path / "from_txt", workers=2)
     same_files(reference_dir, tmp_path / "from_txt")
+
+
+def npy_bytes(tokens) -> bytes:
+    """What np.save writes for a 1-D uint16 array: the reference for a shard's bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(tokens, dtype=np.uint16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_same_bytes_as_per_document_encoding(shared_data, tmp_path):
+    """Parquet, JSON lines and text files made from ../shared/data, one by one and as one folder: the
+    shards are, byte for byte, tiktoken's encoding of each document with 50256 in front, concatenated
+    and cut every SHARD tokens, saved as .npy."""
+    with open(os.path.join(shared_data, "tinyshakespeare.txt"), encoding="utf-8") as f:
+        play = f.read()[:50000]
+    with open(os.path.join(shared_data, "hellaswag_val.jsonl"), encoding="utf-8") as f:
+        contexts = [json.loads(line)["ctx"] for line, _ in zip(f, range(300))]
+    paragraphs = [p.strip("\n") for p in play.split("\n\n") if p.strip()]
+    folder = tmp_path / "corpus"
+    os.makedirs(folder / "z")
+    sources = {  # --dataset, --txt-docs: the documents it holds
+        ("a.parquet", "file"): paragraphs[:200],
+        ("b.jsonl", "file"): contexts,
+        ("z/c.txt", "paragraph"): paragraphs,
+        ("z/c.txt", "line"): [line for line in play.split("\n") if line.strip()],
+        ("z/c.txt", "file"): [play],
+    }
+    write_parquet(folder / "a.parquet", paragraphs[:200])
+    write_jsonl(folder / "b.jsonl", contexts)
+    (folder / "z" / "c.txt").write_text(play, encoding="utf-8")
+    sources[(".", "file")] = paragraphs[:200] + contexts + [play]  # the folder: files in path order
+    enc = fineweb.gpt2_tokenizer()
+    for (name, txt_docs), docs in sources.items():
+        expected = np.array([t for doc in docs for t in [EOT] + enc.encode_ordinary(doc)], dtype=np.uint16)
+        out = tmp_path / f"{name.replace('/', '_')}_{txt_docs}"
+        build(folder / name, out, txt_docs=txt_docs, workers=2, batch_chars=3000)
+        names = [fineweb.shard_name("edufineweb", i) for i in range(-(-len(expected) // SHARD))]
+        assert shard_files(out) == sorted(names), (name, txt_docs)
+        for i, shard in enumerate(names):
+            assert (out / shard).read_bytes() == npy_bytes(expected[i * SHARD : (i + 1) * SHARD]), (name, shard)
+
+
+def test_paragraph_and_line_documents_at_blank_lines(tmp_path):
+    """Lines of spaces separate paragraphs too, extra blank lines and \\r\\n make no difference: the
+    documents --txt-docs paragraph and line have always given (`datasets` alone would keep them)."""
+    text = "\n  \nfirst para\nline two  \n\n\n\nsecond\r\nwith crlf\r\n \t \nthird\n\n \nlast words"
+    (tmp_path / "edge.txt").write_bytes(text.encode())
+    paragraphs = ["first para\nline two  ", "second\nwith crlf", "third", "last words"]
+    lines = ["first para", "line two  ", "second", "with crlf", "third", "last words"]
+    for mode, docs in [("paragraph", paragraphs), ("line", lines)]:
+        ds, _ = fineweb.open_dataset(fineweb.BuildConfig(dataset=str(tmp_path), txt_docs=mode), [str(tmp_path / "edge.txt")])
+        assert [d for _, batch in fineweb.batches(ds, 0, 1 << 20, "edge") for d in batch.to_pylist()] == docs
 
 
 @pytest.mark.parametrize("mode", ["paragraph", "line"])
@@ -434,3 +520,89 @@ def test_unwritable_out_dir(documents, tmp_path):
         os.chmod(tmp_path / "read_only", 0o555)
         assert_error(cli("--dataset", jsonl, "--out-dir", tmp_path / "read_only"), "cannot write to --out-dir")
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--shard-size", 1024, "from 1,025 to 1,000,000,000 (a shard holds at least one GPT-2 sequence of 1024 tokens + 1"),
+    ("--shard-size", 10**10, "from 1,025 to 1,000,000,000"),
+    ("--max-tokens", 0, "of at least 1,026"),
+    ("--workers", -1, "from 0 to 1,024"),
+    ("--workers", 5000, "from 0 to 1,024"),
+    ("--batch-chars", 100, "from 1,024 to 1,073,741,824"),
+])
+def test_numeric_flags_have_ranges(documents, tmp_path, flag, value, allowed):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:20])
+    result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", flag, value)
+    assert_error(result, f"{flag} must be an integer {allowed}", f"got {value:,}")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_refuses_output_the_trainer_cannot_use(documents, tmp_path):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:200])
+    for prefix in ["", "a/b"]:
+        assert_error(cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--prefix", prefix),
+                     f"--prefix {prefix!r}: give a non-empty file name prefix, without a path separator")
+    assert_error(cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--shard-size", 5000, "--max-tokens", 5000),
+                 "--max-tokens must exceed --shard-size (5,000)")
+    assert not os.path.exists(tmp_path / "out")
+    # a dataset that fits in the val shard: nothing written (an empty folder given stays empty), and the
+    # message says how many tokens there are and which --shard-size would do
+    n = len(token_stream(documents[:200]))
+    os.makedirs(tmp_path / "given")
+    for out in (tmp_path / "out", tmp_path / "given"):
+        assert_error(cli("--dataset", jsonl, "--out-dir", out, "--shard-size", n),
+                     f"yields {n:,} tokens, fewer than a val shard plus a train shard (--shard-size {n:,})",
+                     f"e.g. --shard-size {(n + 1) // 2:,}")
+    assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path / "given") == []
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", ["A few words."])
+    assert_error(cli("--dataset", tiny, "--out-dir", tmp_path / "out", "--shard-size", 1025), "needs 2,050 tokens")
+    result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--shard-size", (n + 1) // 2)  # the suggestion works
+    assert result.returncode == 0, result.stderr
+    assert shard_files(tmp_path / "out") == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
+
+
+# -----------------------------------------------------------------------------------------------
+# Shared helpers: atomic_write, shard names, download
+
+
+def test_atomic_write_permissions_result_and_cleanup(tmp_path):
+    path = str(tmp_path / "f.txt")
+    old = os.umask(0o027)
+    try:
+        assert fineweb.atomic_write(path, lambda f: f.write(b"hello")) == 5
+    finally:
+        os.umask(old)
+    assert open(path, "rb").read() == b"hello" and os.stat(path).st_mode & 0o777 == 0o640
+
+    def nested(f):  # a second writer of the same path while the first one's file is open: its own name
+        f.write(b"outer")
+        fineweb.atomic_write(path, lambda g: g.write(b"inner") and temps.append(sorted(os.listdir(tmp_path))))
+
+    temps = []
+    fineweb.atomic_write(path, nested)
+    assert open(path, "rb").read() == b"outer" and len([n for n in temps[0] if n.endswith(".tmp")]) == 2
+    for error in (ValueError, KeyboardInterrupt):
+        def fail(f):
+            f.write(b"half")
+            raise error
+
+        with pytest.raises(error):
+            fineweb.atomic_write(path, fail)
+        assert os.listdir(tmp_path) == ["f.txt"] and open(path, "rb").read() == b"outer"
+
+
+def test_shard_names_and_pattern():
+    for prefix, index, split in [("edufineweb", 0, "val"), ("my_data", 123, "train")]:
+        m = fineweb.SHARD_RE.match(fineweb.shard_name(prefix, index))
+        assert (m["prefix"], m["split"], int(m["index"])) == (prefix, split, index)
+    for name in ["x_val_00001.npy", "x_test_000001.npy", "x_val_000000.npy.tmp", ".x_val_000000.npy.ab1.tmp"]:
+        assert fineweb.SHARD_RE.match(name) is None, name
+
+
+def test_download(tmp_path):
+    (tmp_path / "src.txt").write_bytes(b"some bytes")
+    fineweb.download((tmp_path / "src.txt").as_uri(), str(tmp_path / "new" / "got.txt"))
+    assert (tmp_path / "new" / "got.txt").read_bytes() == b"some bytes"
+    with pytest.raises(OSError):
+        fineweb.download((tmp_path / "missing.txt").as_uri(), str(tmp_path / "new" / "none.txt"))
+    assert os.listdir(tmp_path / "new") == ["got.txt"]
