@@ -307,11 +307,9 @@ def batches(ds, start: int, batch_chars: int, label: str):
 def tokenize_batch(texts) -> np.ndarray:
     """Texts (a list or an Arrow array) -> [<|endoftext|>, tokens of text 0, <|endoftext|>, ...] as uint16.
 
-    Fast path: one tiktoken call on the texts joined by "<|endoftext|>", that special token allowed. tiktoken
-    encodes the text between special tokens separately, so this equals encode_ordinary() per text with 50256
-    in front, without a Python round trip per text. It holds when no text contains the literal "<|endoftext|>"
-    (encode_ordinary spells that out): then the joined text holds one separator per text. Otherwise, and for
-    text with lone surrogates, each text is encoded on its own. GPT-2 ids are < 2**16: uint16 holds them.
+    One tiktoken call on the texts joined by "<|endoftext|>" (allowed as special): tiktoken encodes the text
+    between special tokens separately, so this is encode_ordinary() per text with 50256 in front, when no text
+    holds that literal string (encode_ordinary spells it out). Otherwise, and for lone surrogates, text by text.
     """
     enc, texts = gpt2_tokenizer(), texts if isinstance(texts, list) else texts.to_pylist()
     text = EOT_TEXT + EOT_TEXT.join(texts)
@@ -352,8 +350,7 @@ def position(tokens: np.ndarray, doc: int, offset: int, k: int) -> list[int]:
 
 
 def write_shard(cfg: BuildConfig, manifest: dict, index: int, tokens: np.ndarray, start: list[int], end: list[int]):
-    """Save shard `index` and record it in the manifest; one the manifest lists already (a repair) must come
-    out the same."""
+    """Save shard `index`, then record it in the manifest; a repaired one must come out as recorded."""
     name, shards = shard_name(cfg.prefix, index), manifest["shards"]
     entry = {"file": name, "split": "val" if index == 0 else "train", "tokens": len(tokens),
              "documents": int(np.count_nonzero(tokens == EOT)), "start": start, "end": end}
@@ -403,7 +400,7 @@ def write_shards(ds, pool, cfg: BuildConfig, manifest: dict, index: int, start: 
             break
     ran_out = budget is None or new < budget
     if ran_out and index == 0:  # all of it fits in the val shard: nothing to train on
-        fix = f"e.g. --shard-size {(new + 1) // 2:,}" if new >= 2 * SEQUENCE else f"it needs {2 * SEQUENCE:,} tokens at least"
+        fix = f"e.g. --shard-size {(new + 1) // 2:,}" if new >= 2 * SEQUENCE else f"it needs {2 * SEQUENCE:,} at least"
         raise FinewebError(f"--dataset {cfg.dataset} yields {new:,} tokens, fewer than a val shard plus a train shard "
                            f"(--shard-size {cfg.shard_size:,}); {fix}" if new else f"--dataset {cfg.dataset} is empty")
     if fill:
@@ -504,10 +501,11 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
         for first in (i for i in bad if i - 1 not in bad):  # each run of consecutive missing or corrupt shards
             last = next(i for i in itertools.count(first) if i + 1 not in bad)
             log(f"{PROG}: rewriting {', '.join(s['file'] for s in shards[first : last + 1])} (missing or corrupt)")
-            with bar(sum(s["tokens"] for s in shards[first : last + 1]), "repair") as b:
-                write_shards(ds, pool, cfg, manifest, first, shards[first]["start"], b.total, b)
+            budget = sum(s["tokens"] for s in shards[first : last + 1])
+            with bar(budget, "repair") as b:
+                write_shards(ds, pool, cfg, manifest, first, shards[first]["start"], budget, b)
         done, before = sum(s["tokens"] for s in shards), len(shards)
-        if manifest["finished"] or done >= (cfg.max_tokens or done + 1):
+        if manifest["finished"] or (cfg.max_tokens is not None and done >= cfg.max_tokens):
             log(f"{PROG}: {cfg.out_dir} holds {len(shards)} shards, {done:,} tokens; nothing more to do")
         else:
             log(f"{PROG}: {cfg.dataset} -> {cfg.out_dir}/ in shards of {cfg.shard_size:,} tokens, {cfg.workers} workers"
@@ -558,8 +556,7 @@ def verify(out_dir: str, log=print) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description="Tokenize a text dataset with the GPT-2 BPE into .npy uint16 "
-                                "shards; README.md (Data) is the manual.")
+    p = argparse.ArgumentParser(prog=PROG, description="A text dataset -> GPT-2 token shards (README.md: Data).")
     for f in dataclasses.fields(BuildConfig):
         kind = {"type": int} if f.metadata["range"][0] is not None else {}
         kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else kind

@@ -8,16 +8,16 @@ bench/fineweb.py: how fast fineweb.py turns text into shards, next to two yardst
 It builds a local corpus of real text (Tiny Shakespeare paragraphs, and every HellaSwag context
 followed by each of its endings, as documents, repeated up to --corpus-mb) in a parquet file, then
 times on the same documents:
-  (a) fineweb:  fineweb.build() itself on the parquet file: --workers processes read its row
-                groups and tokenize them, the main process writes .npy shards, checksums and the
-                manifest to a temporary folder
+  (a) fineweb:  fineweb.build() itself on the parquet file: the main process streams it with
+                `datasets` and sends Arrow batches to --workers processes that tokenize them; it
+                writes .npy shards, checksums and the manifest to a temporary folder
   (b) simple:   the approach of the original build-nanogpt script: a Pool of cpu_count()//2
                 processes, pool.imap(tokenize, docs, chunksize=16), one uint16 array per document
                 (made from a Python list with 50256 in front), copied into a shard buffer, np.save
   (c) limit:    tiktoken alone, no reading, transfer or writing: --workers processes each encode
                 their share of the documents (preloaded) with encode_ordinary in a plain loop
   (c') limit':  as (c) but encoding fineweb's way (fineweb.tokenize_batch on whole batches)
-Worker start-up (process creation, tokenizer load) is not timed. Each method runs --repeat times,
+Start-up (worker processes, tokenizer load, opening the dataset) is not timed. Each method runs --repeat times,
 interleaved, and the fastest run counts. It prints tokens/s, the ratios, the peak memory of the
 parent plus its children (sampled every 50 ms: the RSS sum, which counts pages that forked
 processes share once per process, and the PSS sum, which splits them), and the share of the CPUs
@@ -39,7 +39,8 @@ import psutil
 
 import fineweb
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")  # ../shared/data beside the repository
 
 
 # -----------------------------------------------------------------------------------------------
@@ -246,7 +247,8 @@ def measured(method):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="folder with tinyshakespeare.txt and hellaswag_val.jsonl")
     p.add_argument("--corpus-mb", type=float, default=40, help="megabytes of text in the corpus")
     p.add_argument("--shard-size", type=int, default=2 * 10**6, help="tokens per shard for (a) and (b)")
@@ -268,11 +270,13 @@ def main():
             f"({info['copies']} copies of {args.data_dir}); {cpu} CPUs; workers {args.workers}; "
             f"shards of {args.shard_size:,} tokens; best of {args.repeat}"
         )
+        batch = fineweb.BuildConfig.batch_chars
         methods = {
             "(a) fineweb": lambda run: run_fineweb(corpus, os.path.join(tmp, f"a{run}"), args.shard_size, args.workers),
-            f"(b) simple, {max(1, cpu // 2)} procs": lambda run: run_simple(corpus, os.path.join(tmp, f"b{run}"), args.shard_size),
-            "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False, fineweb.BuildConfig.batch_chars),
-            "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True, fineweb.BuildConfig.batch_chars),
+            f"(b) simple, {max(1, cpu // 2)} procs":
+                lambda run: run_simple(corpus, os.path.join(tmp, f"b{run}"), args.shard_size),
+            "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False, batch),
+            "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True, batch),
         }
         best = {}  # name -> (tokens, seconds, rss, pss, other load) of its fastest run
         for run in range(args.repeat):

@@ -38,7 +38,8 @@ def documents(shared_data):
         for line, _ in zip(f, range(60)):
             example = json.loads(line)
             hellaswag += [example["ctx"] + " " + ending for ending in example["endings"]]
-    awkward = ["", "GPT-2 separates documents with <|endoftext|> in its training data.", "Ünïcödé ✓ 🎉 中文 — “quotes”"]
+    awkward = ["", "GPT-2 separates documents with <|endoftext|> in its training data.",
+               "Ünïcödé ✓ 🎉 中文 — “quotes”"]
     return paragraphs[:75] + awkward + hellaswag + [shakespeare[:40000]] + paragraphs[75:]
 
 
@@ -81,7 +82,8 @@ def write_parquet(path, docs, **extra_columns):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": [f"doc{i}" for i in range(len(docs))], "text": docs, **extra_columns}), path, row_group_size=64)
+    table = pa.table({"id": [f"doc{i}" for i in range(len(docs))], "text": docs, **extra_columns})
+    pq.write_table(table, path, row_group_size=64)
     return str(path)
 
 
@@ -254,7 +256,8 @@ def test_resume_after_sigkill_equals_one_run(parquet_corpus, tmp_path):
 
 def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, reference_dir, tmp_path):
     # each fsync takes 0.25 s more: after the second shard, seconds of work remain for the signal to cut
-    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2, delay=0.25)
+    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2,
+                          delay=0.25)
     wait_for_shards(proc, tmp_path, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -405,7 +408,8 @@ def test_paragraph_and_line_documents_at_blank_lines(tmp_path):
     paragraphs = ["first para\nline two  ", "second\nwith crlf", "third", "last words"]
     lines = ["first para", "line two  ", "second", "with crlf", "third", "last words"]
     for mode, docs in [("paragraph", paragraphs), ("line", lines)]:
-        ds, _ = fineweb.open_dataset(fineweb.BuildConfig(dataset=str(tmp_path), txt_docs=mode), [str(tmp_path / "edge.txt")])
+        cfg = fineweb.BuildConfig(dataset=str(tmp_path), txt_docs=mode)
+        ds, _ = fineweb.open_dataset(cfg, [str(tmp_path / "edge.txt")])
         assert [d for _, batch in fineweb.batches(ds, 0, 1 << 20, "edge") for d in batch.to_pylist()] == docs
 
 
@@ -473,7 +477,8 @@ def assert_error(result, *needles):
 
 
 def test_missing_path(tmp_path):
-    assert_error(cli("--dataset", tmp_path / "nope.jsonl", "--out-dir", tmp_path / "out"), "nope.jsonl: no such file or folder")
+    assert_error(cli("--dataset", tmp_path / "nope.jsonl", "--out-dir", tmp_path / "out"),
+                 "nope.jsonl: no such file or folder")
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -555,8 +560,8 @@ def test_refuses_output_the_trainer_cannot_use(documents, tmp_path):
                      f"e.g. --shard-size {(n + 1) // 2:,}")
     assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path / "given") == []
     tiny = write_jsonl(tmp_path / "tiny.jsonl", ["A few words."])
-    assert_error(cli("--dataset", tiny, "--out-dir", tmp_path / "out", "--shard-size", 1025), "needs 2,050 tokens")
-    result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--shard-size", (n + 1) // 2)  # the suggestion works
+    assert_error(cli("--dataset", tiny, "--out-dir", tmp_path / "out", "--shard-size", 1025), "needs 2,050 at least")
+    result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--shard-size", (n + 1) // 2)  # as suggested
     assert result.returncode == 0, result.stderr
     assert shard_files(tmp_path / "out") == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
 
