@@ -252,7 +252,8 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
         except Exception as e:  # network, unknown name or config, authentication: the message says which
             raise FinewebError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
         ds = text_only(ds if cfg.streaming else ds.to_iterable_dataset(), cfg.text_column, f"--dataset {cfg.dataset}")
-        return ds, {"dataset": cfg.dataset, "name": name, "split": cfg.split, "text_column": cfg.text_column}
+        return ds, {"dataset": cfg.dataset, "name": name, "split": cfg.split, "text_column": cfg.text_column,
+                    "streaming": cfg.streaming}
     parts = []
     for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS[os.path.splitext(f)[1].lower()]):
         paths, txt_docs = list(paths), cfg.txt_docs if builder == "text" else None
@@ -311,11 +312,18 @@ def tokenize_batch(texts) -> np.ndarray:
     between special tokens separately, so this is encode_ordinary() per text with 50256 in front, when no text
     holds that literal string (encode_ordinary spells it out). Otherwise, and for lone surrogates, text by text.
     """
-    enc, texts = gpt2_tokenizer(), texts if isinstance(texts, list) else texts.to_pylist()
-    text = EOT_TEXT + EOT_TEXT.join(texts)
+    import pyarrow.compute as pc
+
+    if isinstance(texts, list):
+        text = EOT_TEXT + EOT_TEXT.join(texts)
+    else:  # joined by Arrow: no Python string per text
+        joined = pc.binary_join(pa.ListArray.from_arrays([0, len(texts)], texts), pa.scalar(EOT_TEXT, texts.type))
+        text = EOT_TEXT + joined[0].as_py()
+    enc = gpt2_tokenizer()
     if text.count(EOT_TEXT) == len(texts):
         with contextlib.suppress(UnicodeEncodeError):
             return enc.encode_to_numpy(text, allowed_special={EOT_TEXT}, disallowed_special=()).astype(np.uint16)
+    texts = texts if isinstance(texts, list) else texts.to_pylist()
     return np.array([t for doc in texts for t in [EOT, *enc.encode_ordinary(doc)]], dtype=np.uint16)
 
 
@@ -379,9 +387,9 @@ def write_shards(ds, pool, cfg: BuildConfig, manifest: dict, index: int, start: 
     """Shards from number `index` and document position `start` on, until `budget` tokens or the end of the
     data; a full shard is written when more tokens come (so the last one is known). Returns the tokens written
     and whether the data ran out."""
-    buffer, fill, new, last = np.empty(cfg.shard_size, dtype=np.uint16), 0, 0, None
-    for doc, n, tokens in tokenized(pool, cfg.workers, batches(ds, start[0], cfg.batch_chars, cfg.dataset)):
-        offset = start[1] if doc == start[0] else 0  # resuming inside a document split across shards
+    buffer, fill, new, last, (first_doc, first_offset) = np.empty(cfg.shard_size, dtype=np.uint16), 0, 0, None, start
+    for doc, n, tokens in tokenized(pool, cfg.workers, batches(ds, first_doc, cfg.batch_chars, cfg.dataset)):
+        offset = first_offset if doc == first_doc else 0  # resuming inside a document split across shards
         if offset and (offset >= len(tokens) or tokens[offset] == EOT):
             raise FinewebError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed; delete it")
         tokens, k = tokens[offset:], 0
@@ -484,7 +492,7 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     cfg = dataclasses.replace(cfg, workers=available_cpus() if cfg.workers is None else cfg.workers)
     t_start, files, created = time.perf_counter(), local_files(cfg.dataset), not os.path.exists(cfg.out_dir)
     gpt2_tokenizer()  # before forking: the workers share its tables instead of each building its own
-    pool = cfg.workers and multiprocessing.Pool(cfg.workers, _init_worker)  # before `datasets` starts threads
+    pool = multiprocessing.Pool(cfg.workers, _init_worker) if cfg.workers else None  # before `datasets` threads
 
     def bar(total, desc):  # tokens/s; a line every 30 s in a log file
         return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,

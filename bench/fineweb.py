@@ -17,13 +17,13 @@ times on the same documents:
   (c) limit:    tiktoken alone, no reading, transfer or writing: --workers processes each encode
                 their share of the documents (preloaded) with encode_ordinary in a plain loop
   (c') limit':  as (c) but encoding fineweb's way (fineweb.tokenize_batch on whole batches)
-Start-up (worker processes, tokenizer load, opening the dataset) is not timed. Each method runs --repeat times,
-interleaved, and the fastest run counts. It prints tokens/s, the ratios, the peak memory of the
-parent plus its children (sampled every 50 ms: the RSS sum, which counts pages that forked
-processes share once per process, and the PSS sum, which splits them), and the share of the CPUs
-that other processes used during the run (on a shared machine that makes a timing pessimistic;
---wait-idle waits for a quiet moment before each run). The tokens of (a) and (b) are checked to be
-identical. Not a test: the figures depend on the machine.
+Start-up (worker processes, tokenizer load, opening the dataset) is not timed. Each method runs
+--repeat times, interleaved, and the fastest run counts. It prints tokens/s, the ratios, the peak
+memory of the parent plus its children (sampled every 50 ms in one more, untimed run of each method:
+the RSS sum, which counts pages that forked processes share once per process, and the PSS sum, which
+splits them), and the share of the CPUs that other processes used during the timed run (on a shared
+machine that makes a timing pessimistic; --wait-idle waits for a quiet moment before each run). The
+tokens of (a) and (b) are checked to be identical. Not a test: the figures depend on the machine.
 """
 import argparse
 import json
@@ -234,16 +234,24 @@ def wait_until_idle(max_wait: float, busy_below: float = 0.10):
 
 
 def measured(method):
-    """Run method() -> (tokens, seconds); also return its peak memory and the share of the CPUs
-    that other processes used meanwhile (contention that makes the timing pessimistic)."""
+    """Run method() -> (tokens, seconds); also return the share of the CPUs that other processes used
+    meanwhile (contention that makes the timing pessimistic)."""
     cpu0, ours0, t0 = psutil.cpu_times(), os.times(), time.perf_counter()
-    with PeakMemory() as memory:
-        tokens, seconds = method()
+    tokens, seconds = method()
     cpu1, ours1, wall = psutil.cpu_times(), os.times(), time.perf_counter() - t0
     busy = sum(cpu1) - sum(cpu0) - (cpu1.idle - cpu0.idle) - (cpu1.iowait - cpu0.iowait)
     ours = sum(ours1[:4]) - sum(ours0[:4])  # this process and its finished children (all are joined)
     other = max(0.0, busy - ours) / (wall * psutil.cpu_count())
-    return tokens, seconds, memory.rss, memory.pss, other
+    return tokens, seconds, other
+
+
+def peak_memory(method) -> tuple[int, int]:
+    """Peak RSS and PSS sums of method() in a run of its own, not timed: one sample of all the
+    processes costs ~15 ms of CPU, which would slow the timed runs (and, in the builder's own
+    process, take the GIL from it)."""
+    with PeakMemory() as memory:
+        method()
+    return memory.rss, memory.pss
 
 
 def main():
@@ -278,19 +286,22 @@ def main():
             "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False, batch),
             "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True, batch),
         }
-        best = {}  # name -> (tokens, seconds, rss, pss, other load) of its fastest run
-        for run in range(args.repeat):
+        best = {}  # name -> (tokens, seconds, other load) of its fastest run
+        for run in range(args.repeat + 1):  # the last run measures memory
             for name, method in methods.items():
                 for folder in (f"a{run}", f"b{run}"):
                     os.makedirs(os.path.join(tmp, folder), exist_ok=True)
                 wait_until_idle(args.wait_idle)
+                if run == args.repeat:
+                    best[name] += peak_memory(lambda: method(run))
+                    continue
                 result = measured(lambda: method(run))
                 if name not in best or result[1] < best[name][1]:
                     best[name] = result
         same = np.array_equal(read_shards(os.path.join(tmp, "a0")), read_shards(os.path.join(tmp, "b0")))
 
     rate = {name: best[name][0] / best[name][1] for name in methods}
-    for name, (tokens, seconds, rss, pss, other) in best.items():
+    for name, (tokens, seconds, other, rss, pss) in best.items():
         print(
             f"{name:28s} {tokens:>11,} tokens {seconds:6.2f} s {rate[name] / 1e6:6.2f} M tokens/s"
             f"   peak RSS {rss / 2**20:4.0f} MiB, PSS {pss / 2**20:4.0f} MiB   other load {other:4.0%}"
