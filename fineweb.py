@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -258,8 +259,8 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
     for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS[os.path.splitext(f)[1].lower()]):
         paths, txt_docs = list(paths), cfg.txt_docs if builder == "text" else None
         try:
-            ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True,
-                                       **({"sample_by": TXT_DOCS[txt_docs]} if txt_docs else {}))
+            ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
+                                       streaming=True, **({"sample_by": TXT_DOCS[txt_docs]} if txt_docs else {}))
         except Exception as e:  # a parquet schema, or the first chunk of a JSON file, is read here
             raise FinewebError(f"{paths[0]}: cannot read it as {builder} ({first_line(e)})") from None
         parts.append(text_only(ds, cfg.text_column, paths[0], txt_docs))

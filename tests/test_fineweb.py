@@ -383,19 +383,19 @@ def test_same_bytes_as_per_document_encoding(shared_data, tmp_path):
     os.makedirs(folder / "z")
     sources = {  # --dataset, --txt-docs: the documents it holds
         ("a.parquet", "file"): paragraphs[:200],
-        ("b.jsonl", "file"): contexts,
+        ("b[1].jsonl", "file"): contexts,  # a glob character: `datasets` must not take it as a pattern
         ("z/c.txt", "paragraph"): paragraphs,
         ("z/c.txt", "line"): [line for line in play.split("\n") if line.strip()],
         ("z/c.txt", "file"): [play],
     }
     write_parquet(folder / "a.parquet", paragraphs[:200])
-    write_jsonl(folder / "b.jsonl", contexts)
+    write_jsonl(folder / "b[1].jsonl", contexts)
     (folder / "z" / "c.txt").write_text(play, encoding="utf-8")
     sources[(".", "file")] = paragraphs[:200] + contexts + [play]  # the folder: files in path order
     enc = fineweb.gpt2_tokenizer()
     for (name, txt_docs), docs in sources.items():
         expected = np.array([t for doc in docs for t in [EOT] + enc.encode_ordinary(doc)], dtype=np.uint16)
-        out = tmp_path / f"{name.replace('/', '_')}_{txt_docs}"
+        out = tmp_path / f"{name.replace('/', '_').replace('[', '_').replace(']', '_')}_{txt_docs}"
         if txt_docs == "paragraph" or name == ".":  # stopped, then continued: skips through `datasets` too
             build(folder / name, out, txt_docs=txt_docs, workers=2, batch_chars=3000, max_tokens=2 * SHARD + 123)
         build(folder / name, out, txt_docs=txt_docs, workers=2, batch_chars=3000)
