@@ -228,7 +228,10 @@ def text_only(ds, column: str, where: str, txt_docs: str | None = None):
     if txt_docs:  # the text builder's one column is "text"
         ds = ds.rename_column("text", column) if column != "text" else ds
     else:
-        columns = ds.column_names or list(next(iter(ds.take(1)), {}))  # unknown until read (a JSON array)
+        try:
+            columns = ds.column_names or list(next(iter(ds.take(1)), {}))  # unknown until read (a JSON array)
+        except Exception as e:  # bad JSON, mixed types `datasets` cannot load
+            raise FinewebError(f"{where}: cannot read it ({first_line(e)})") from None
         if columns and column not in columns:
             raise FinewebError(f"{where} has no column {column!r}; its columns are: {', '.join(columns)} "
                                "(pick one with --text-column)")

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -510,8 +511,10 @@ def test_non_string_text(documents, tmp_path):
         for doc in (documents * 3)[:1100]:
             f.write(json.dumps({"text": doc}) + "\n")
         f.write(json.dumps({"text": 42}) + "\n")
-    assert_error(cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o4"),
-                 "column 'text' holds values of mixed JSON types, not text")
+    result = cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o4")
+    assert_error(result, "d.jsonl")  # datasets >= 5 loads the column as JSON values, 4.x fails to load it:
+    assert re.search(r"column 'text' holds values of mixed JSON types|Column\(/text\) changed from string to number",
+                     result.stderr), result.stderr
     # a bad value deep in the file, found while building: the shards before it are kept whole, nothing
     # half-written
     parquet = write_parquet(tmp_path / "deep.parquet", (documents * 13)[:5000] + [None])
