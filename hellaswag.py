@@ -19,22 +19,18 @@ Fast, with the results of scoring each example alone: the context is computed on
 attends to the context and itself only; examples share padded batches; and the vocabulary projection
 runs only where an ending token is predicted. The README has the flags and the measured speed.
 """
-import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fineweb import download as download_file
 from fineweb import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -64,21 +60,12 @@ def download(split: str = "val", fix: str = "pass --data FILE with a local copy"
     path = os.path.join(folder, f"hellaswag_{split}.jsonl")
     if os.path.isfile(path):
         return path
-    os.makedirs(folder, exist_ok=True)
     url = HELLASWAG_URL.format(split=split)
     print(f"downloading {url} -> {path}", file=sys.stderr)
-    # into a temporary file, renamed when complete: an interrupted download never looks finished
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".hellaswag_{split}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, f)
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
-        os.remove(tmp)
-        reason = getattr(e, "reason", None) or e
-        raise HellaSwagError(
-            f"cannot download {url} ({reason}); without network, {fix}"
-        ) from None
+        download_file(url, path)  # into a temporary file, renamed when complete
+    except OSError as e:
+        raise HellaSwagError(f"cannot download {url} ({getattr(e, 'reason', None) or e}); without network, {fix}") from None
     return path
 
 

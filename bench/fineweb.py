@@ -8,22 +8,22 @@ bench/fineweb.py: how fast fineweb.py turns text into shards, next to two yardst
 It builds a local corpus of real text (Tiny Shakespeare paragraphs, and every HellaSwag context
 followed by each of its endings, as documents, repeated up to --corpus-mb) in a parquet file, then
 times on the same documents:
-  (a) fineweb:  fineweb.build() itself on the parquet file: --workers processes read its row
-                groups and tokenize them, the main process writes .npy shards, checksums and the
-                manifest to a temporary folder
+  (a) fineweb:  fineweb.build() itself on the parquet file: the main process streams it with
+                `datasets` and sends Arrow batches to --workers processes that tokenize them; it
+                writes .npy shards, checksums and the manifest to a temporary folder
   (b) simple:   the approach of the original build-nanogpt script: a Pool of cpu_count()//2
                 processes, pool.imap(tokenize, docs, chunksize=16), one uint16 array per document
                 (made from a Python list with 50256 in front), copied into a shard buffer, np.save
   (c) limit:    tiktoken alone, no reading, transfer or writing: --workers processes each encode
                 their share of the documents (preloaded) with encode_ordinary in a plain loop
   (c') limit':  as (c) but encoding fineweb's way (fineweb.tokenize_batch on whole batches)
-Worker start-up (process creation, tokenizer load) is not timed. Each method runs --repeat times,
-interleaved, and the fastest run counts. It prints tokens/s, the ratios, the peak memory of the
-parent plus its children (sampled every 50 ms: the RSS sum, which counts pages that forked
-processes share once per process, and the PSS sum, which splits them), and the share of the CPUs
-that other processes used during the run (on a shared machine that makes a timing pessimistic;
---wait-idle waits for a quiet moment before each run). The tokens of (a) and (b) are checked to be
-identical. Not a test: the figures depend on the machine.
+Start-up (worker processes, tokenizer load, opening the dataset) is not timed. Each method runs
+--repeat times, interleaved, and the fastest run counts. It prints tokens/s, the ratios, the peak
+memory of the parent plus its children (sampled every 50 ms in one more, untimed run of each method:
+the RSS sum, which counts pages that forked processes share once per process, and the PSS sum, which
+splits them), and the share of the CPUs that other processes used during the timed run (on a shared
+machine that makes a timing pessimistic; --wait-idle waits for a quiet moment before each run). The
+tokens of (a) and (b) are checked to be identical. Not a test: the figures depend on the machine.
 """
 import argparse
 import json
@@ -39,7 +39,8 @@ import psutil
 
 import fineweb
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shared", "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")  # ../shared/data beside the repository
 
 
 # -----------------------------------------------------------------------------------------------
@@ -233,20 +234,29 @@ def wait_until_idle(max_wait: float, busy_below: float = 0.10):
 
 
 def measured(method):
-    """Run method() -> (tokens, seconds); also return its peak memory and the share of the CPUs
-    that other processes used meanwhile (contention that makes the timing pessimistic)."""
+    """Run method() -> (tokens, seconds); also return the share of the CPUs that other processes used
+    meanwhile (contention that makes the timing pessimistic)."""
     cpu0, ours0, t0 = psutil.cpu_times(), os.times(), time.perf_counter()
-    with PeakMemory() as memory:
-        tokens, seconds = method()
+    tokens, seconds = method()
     cpu1, ours1, wall = psutil.cpu_times(), os.times(), time.perf_counter() - t0
     busy = sum(cpu1) - sum(cpu0) - (cpu1.idle - cpu0.idle) - (cpu1.iowait - cpu0.iowait)
     ours = sum(ours1[:4]) - sum(ours0[:4])  # this process and its finished children (all are joined)
     other = max(0.0, busy - ours) / (wall * psutil.cpu_count())
-    return tokens, seconds, memory.rss, memory.pss, other
+    return tokens, seconds, other
+
+
+def peak_memory(method) -> tuple[int, int]:
+    """Peak RSS and PSS sums of method() in a run of its own, not timed: one sample of all the
+    processes costs ~15 ms of CPU, which would slow the timed runs (and, in the builder's own
+    process, take the GIL from it)."""
+    with PeakMemory() as memory:
+        method()
+    return memory.rss, memory.pss
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="folder with tinyshakespeare.txt and hellaswag_val.jsonl")
     p.add_argument("--corpus-mb", type=float, default=40, help="megabytes of text in the corpus")
     p.add_argument("--shard-size", type=int, default=2 * 10**6, help="tokens per shard for (a) and (b)")
@@ -268,25 +278,30 @@ def main():
             f"({info['copies']} copies of {args.data_dir}); {cpu} CPUs; workers {args.workers}; "
             f"shards of {args.shard_size:,} tokens; best of {args.repeat}"
         )
+        batch = fineweb.BuildConfig.batch_chars
         methods = {
             "(a) fineweb": lambda run: run_fineweb(corpus, os.path.join(tmp, f"a{run}"), args.shard_size, args.workers),
-            f"(b) simple, {max(1, cpu // 2)} procs": lambda run: run_simple(corpus, os.path.join(tmp, f"b{run}"), args.shard_size),
-            "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False, fineweb.BuildConfig.batch_chars),
-            "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True, fineweb.BuildConfig.batch_chars),
+            f"(b) simple, {max(1, cpu // 2)} procs":
+                lambda run: run_simple(corpus, os.path.join(tmp, f"b{run}"), args.shard_size),
+            "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False, batch),
+            "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True, batch),
         }
-        best = {}  # name -> (tokens, seconds, rss, pss, other load) of its fastest run
-        for run in range(args.repeat):
+        best = {}  # name -> (tokens, seconds, other load) of its fastest run
+        for run in range(args.repeat + 1):  # the last run measures memory
             for name, method in methods.items():
                 for folder in (f"a{run}", f"b{run}"):
                     os.makedirs(os.path.join(tmp, folder), exist_ok=True)
                 wait_until_idle(args.wait_idle)
+                if run == args.repeat:
+                    best[name] += peak_memory(lambda: method(run))
+                    continue
                 result = measured(lambda: method(run))
                 if name not in best or result[1] < best[name][1]:
                     best[name] = result
         same = np.array_equal(read_shards(os.path.join(tmp, "a0")), read_shards(os.path.join(tmp, "b0")))
 
     rate = {name: best[name][0] / best[name][1] for name in methods}
-    for name, (tokens, seconds, rss, pss, other) in best.items():
+    for name, (tokens, seconds, other, rss, pss) in best.items():
         print(
             f"{name:28s} {tokens:>11,} tokens {seconds:6.2f} s {rate[name] / 1e6:6.2f} M tokens/s"
             f"   peak RSS {rss / 2**20:4.0f} MiB, PSS {pss / 2**20:4.0f} MiB   other load {other:4.0%}"

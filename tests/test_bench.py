@@ -1,5 +1,4 @@
 """bench/train.py (python -m bench.train): it runs end to end, and the peer it compares with does the same work as our model."""
-import os
 import re
 import subprocess
 import sys

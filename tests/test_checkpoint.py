@@ -63,7 +63,7 @@ def test_sigterm_mid_run_then_resume_equals_unbroken(unbroken, tmp_path):
     stopped_at = torch.load(tg.latest_checkpoint(str(d)), weights_only=False)["step"]
     assert 30 <= stopped_at < 100
     p = run_train(*ARGS, "--log-dir", str(d), "--resume", "auto")
-    assert f"resumed from" in p.stdout and f"at step {stopped_at}" in p.stdout
+    assert "resumed from" in p.stdout and f"at step {stopped_at}" in p.stdout
     assert_same_records(unbroken, d)
 
 

@@ -4,8 +4,10 @@ Everything runs on CPU from local files made of ../shared/data, with tiny shards
 tokens) so that documents are split across shards and there are many files to compare.
 """
 import hashlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +39,8 @@ def documents(shared_data):
         for line, _ in zip(f, range(60)):
             example = json.loads(line)
             hellaswag += [example["ctx"] + " " + ending for ending in example["endings"]]
-    awkward = ["", "GPT-2 separates documents with <|endoftext|> in its training data.", "Ünïcödé ✓ 🎉 中文 — “quotes”"]
+    awkward = ["", "GPT-2 separates documents with <|endoftext|> in its training data.",
+               "Ünïcödé ✓ 🎉 中文 — “quotes”"]
     return paragraphs[:75] + awkward + hellaswag + [shakespeare[:40000]] + paragraphs[75:]
 
 
@@ -80,7 +83,8 @@ def write_parquet(path, docs, **extra_columns):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": [f"doc{i}" for i in range(len(docs))], "text": docs, **extra_columns}), path, row_group_size=64)
+    table = pa.table({"id": [f"doc{i}" for i in range(len(docs))], "text": docs, **extra_columns})
+    pq.write_table(table, path, row_group_size=64)
     return str(path)
 
 
@@ -164,8 +168,8 @@ def test_same_bytes_whatever_the_worker_count(parquet_corpus, reference_dir, tmp
     same_files(reference_dir, tmp_path)
 
 
-def test_same_bytes_when_parquet_is_read_by_the_main_process(parquet_corpus, reference_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(fineweb, "PARQUET_PART_BYTES", 0)  # every row group "too big" for a worker task
+def test_same_bytes_whatever_the_read_size(parquet_corpus, reference_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fineweb, "READ_DOCS", 7)  # `datasets` hands over 7 documents at a time
     build(parquet_corpus, tmp_path, workers=2, batch_chars=2000)
     same_files(reference_dir, tmp_path)
     build(parquet_corpus, tmp_path / "resumed", workers=2, max_tokens=3 * SHARD + 77)
@@ -175,9 +179,12 @@ def test_same_bytes_when_parquet_is_read_by_the_main_process(parquet_corpus, ref
 
 
 def test_tokenize_batch_equals_encode_ordinary_per_document():
+    import pyarrow as pa
+
     docs = ["Hello world", "", "text with <|endoftext|> inside", "a lone surrogate \ud800 here", "  trailing spaces  "]
-    assert np.array_equal(fineweb.tokenize_batch(docs[:2] + docs[4:]), token_stream(docs[:2] + docs[4:]))
-    assert np.array_equal(fineweb.tokenize_batch(docs[:3]), token_stream(docs[:3]))  # literal <|endoftext|>
+    for texts in (list, pa.array, lambda d: pa.array(d, pa.large_string())):  # what the workers get: Arrow arrays
+        assert np.array_equal(fineweb.tokenize_batch(texts(docs[:2] + docs[4:])), token_stream(docs[:2] + docs[4:]))
+        assert np.array_equal(fineweb.tokenize_batch(texts(docs[:3])), token_stream(docs[:3]))  # literal <|endoftext|>
     with_surrogate = fineweb.tokenize_batch(docs)
     assert with_surrogate.dtype == np.uint16 and np.count_nonzero(with_surrogate == EOT) == len(docs)
 
@@ -234,7 +241,7 @@ def wait_for_shards(proc, out_dir, n, timeout=60):
 
 
 def test_resume_after_sigkill_equals_one_run(parquet_corpus, tmp_path):
-    small = 1000  # more shards, so the kill lands mid-run
+    small = 1025  # the smallest shards allowed: more of them, so the kill lands mid-run
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     build(parquet_corpus, whole, shard_size=small, workers=2)
     proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", cut, "--shard-size", small, "--workers", 2)
@@ -253,7 +260,8 @@ def test_resume_after_sigkill_equals_one_run(parquet_corpus, tmp_path):
 
 def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, reference_dir, tmp_path):
     # each fsync takes 0.25 s more: after the second shard, seconds of work remain for the signal to cut
-    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2, delay=0.25)
+    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2,
+                          delay=0.25)
     wait_for_shards(proc, tmp_path, 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -266,7 +274,7 @@ def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, reference_di
 
 def test_other_settings_in_the_same_folder_are_an_error(parquet_corpus, reference_dir, tmp_path):
     folder = tmp_path / "out"
-    build(parquet_corpus, folder, max_tokens=SHARD)
+    build(parquet_corpus, folder, max_tokens=SHARD + 1)
     result = cli("--dataset", parquet_corpus, "--out-dir", folder, "--shard-size", SHARD + 1)
     assert result.returncode != 0
     assert "--shard-size was 5000, now 5001" in result.stderr and "Traceback" not in result.stderr
@@ -301,6 +309,39 @@ def test_verify_passes_then_names_a_corrupted_shard(reference_dir, tmp_path):
     assert any("edufineweb_train_000001.npy: missing" in p for p in problems)
 
 
+def test_rerun_repairs_missing_and_corrupt_shards(parquet_corpus, reference_dir, tmp_path):
+    """Through the command line: one shard deleted, one with a byte changed, one truncated; --verify names
+    them and says how to repair; the same build command rewrites just those three, byte for byte."""
+    command = ["--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2]
+    assert cli(*command).returncode == 0
+    same_files(reference_dir, tmp_path)
+    shards = fineweb.load_manifest(str(tmp_path))["shards"]
+    # the corrupted one begins inside a document: rebuilding it starts at a recorded token offset
+    split = next(i for i, s in enumerate(shards) if s["start"][1] > 0 and 2 <= i < len(shards) - 1)
+    deleted, changed, truncated = (shards[i]["file"] for i in (1, split, len(shards) - 1))
+    original = {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)}
+    os.remove(tmp_path / deleted)
+    data = bytearray(original[changed])
+    data[-7] ^= 0x01
+    (tmp_path / changed).write_bytes(bytes(data))
+    (tmp_path / truncated).write_bytes(original[truncated][:1000])
+    untouched = {n: os.stat(tmp_path / n).st_mtime_ns for n in original if n not in (deleted, changed, truncated)}
+
+    result = cli("--verify", "--out-dir", tmp_path)
+    assert result.returncode == 1
+    failed = sorted(line.split()[1].rstrip(":") for line in result.stdout.splitlines() if line.startswith("FAIL"))
+    assert failed == sorted([deleted, changed, truncated])
+    assert "3 problem(s); rerun the same build command to repair them" in result.stdout
+
+    result = cli(*command)
+    assert result.returncode == 0, result.stderr
+    assert "rewriting" in result.stdout and "nothing more to do" in result.stdout
+    assert {name: (tmp_path / name).read_bytes() for name in shard_files(tmp_path)} == original
+    assert {n: os.stat(tmp_path / n).st_mtime_ns for n in untouched} == untouched  # the others were left alone
+    assert fineweb.load_manifest(str(tmp_path))["shards"] == shards and leftovers(tmp_path) == []
+    assert cli("--verify", "--out-dir", tmp_path).returncode == 0
+
+
 # -----------------------------------------------------------------------------------------------
 # Sources
 
@@ -321,6 +362,61 @@ def test_jsonl_json_and_txt_sources(documents, reference_dir, tmp_path):
         (txt_dir / f"{i:04d}.txt").write_text(doc, encoding="utf-8")
     build(txt_dir, tmp_path / "from_txt", workers=2)
     same_files(reference_dir, tmp_path / "from_txt")
+
+
+def npy_bytes(tokens) -> bytes:
+    """What np.save writes for a 1-D uint16 array: the reference for a shard's bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(tokens, dtype=np.uint16), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_same_bytes_as_per_document_encoding(shared_data, tmp_path):
+    """Parquet, JSON lines and text files made from ../shared/data, one by one and as one folder: the
+    shards are, byte for byte, tiktoken's encoding of each document with 50256 in front, concatenated
+    and cut every SHARD tokens, saved as .npy."""
+    with open(os.path.join(shared_data, "tinyshakespeare.txt"), encoding="utf-8") as f:
+        play = f.read()[:50000]
+    with open(os.path.join(shared_data, "hellaswag_val.jsonl"), encoding="utf-8") as f:
+        contexts = [json.loads(line)["ctx"] for line, _ in zip(f, range(300))]
+    paragraphs = [p.strip("\n") for p in play.split("\n\n") if p.strip()]
+    folder = tmp_path / "corpus"
+    os.makedirs(folder / "z")
+    sources = {  # --dataset, --txt-docs: the documents it holds
+        ("a.parquet", "file"): paragraphs[:200],
+        ("b[1].jsonl", "file"): contexts,  # a glob character: `datasets` must not take it as a pattern
+        ("z/c.txt", "paragraph"): paragraphs,
+        ("z/c.txt", "line"): [line for line in play.split("\n") if line.strip()],
+        ("z/c.txt", "file"): [play],
+    }
+    write_parquet(folder / "a.parquet", paragraphs[:200])
+    write_jsonl(folder / "b[1].jsonl", contexts)
+    (folder / "z" / "c.txt").write_text(play, encoding="utf-8")
+    sources[(".", "file")] = paragraphs[:200] + contexts + [play]  # the folder: files in path order
+    enc = fineweb.gpt2_tokenizer()
+    for (name, txt_docs), docs in sources.items():
+        expected = np.array([t for doc in docs for t in [EOT] + enc.encode_ordinary(doc)], dtype=np.uint16)
+        out = tmp_path / f"{name.replace('/', '_').replace('[', '_').replace(']', '_')}_{txt_docs}"
+        if txt_docs == "paragraph" or name == ".":  # stopped, then continued: skips through `datasets` too
+            build(folder / name, out, txt_docs=txt_docs, workers=2, batch_chars=3000, max_tokens=2 * SHARD + 123)
+        build(folder / name, out, txt_docs=txt_docs, workers=2, batch_chars=3000)
+        names = [fineweb.shard_name("edufineweb", i) for i in range(-(-len(expected) // SHARD))]
+        assert shard_files(out) == sorted(names), (name, txt_docs)
+        for i, shard in enumerate(names):
+            assert (out / shard).read_bytes() == npy_bytes(expected[i * SHARD : (i + 1) * SHARD]), (name, shard)
+
+
+def test_paragraph_and_line_documents_at_blank_lines(tmp_path):
+    """Lines of spaces separate paragraphs too, extra blank lines and \\r\\n make no difference: the
+    documents --txt-docs paragraph and line have always given (`datasets` alone would keep them)."""
+    text = "\n  \nfirst para\nline two  \n\n\n\nsecond\r\nwith crlf\r\n \t \nthird\n\n \nlast words"
+    (tmp_path / "edge.txt").write_bytes(text.encode())
+    paragraphs = ["first para\nline two  ", "second\nwith crlf", "third", "last words"]
+    lines = ["first para", "line two  ", "second", "with crlf", "third", "last words"]
+    for mode, docs in [("paragraph", paragraphs), ("line", lines)]:
+        cfg = fineweb.BuildConfig(dataset=str(tmp_path), txt_docs=mode)
+        ds, _ = fineweb.open_dataset(cfg, [str(tmp_path / "edge.txt")])
+        assert [d for _, batch in fineweb.batches(ds, 0, 1 << 20, "edge") for d in batch.to_pylist()] == docs
 
 
 @pytest.mark.parametrize("mode", ["paragraph", "line"])
@@ -349,20 +445,26 @@ def test_folder_of_mixed_files(documents, tmp_path):
 
 
 def test_hub_reader_streaming_and_cached(documents, tmp_path, monkeypatch):
-    """HubSource through `datasets` (offline: a local folder is a valid dataset path)."""
+    """The hub path of open_dataset (files=None) through `datasets` (offline: a local folder is a valid
+    dataset path for load_dataset)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     folder = tmp_path / "hub_like"
     os.makedirs(folder)
     write_parquet(folder / "train.parquet", documents)
+
+    def texts(ds, start=0):
+        return [d for _, batch in fineweb.batches(ds, start, 5000, "hub") for d in batch.to_pylist()]
+
     for streaming in (True, False):
         cfg = fineweb.BuildConfig(dataset=str(folder), streaming=streaming, cache_dir=str(tmp_path / "cache"))
-        source = fineweb.HubSource(cfg)
-        assert [d for chunk in source.texts() for d in chunk] == documents
-        assert [d for chunk in source.texts(start=150) for d in chunk] == documents[150:]
+        ds, settings = fineweb.open_dataset(cfg, None)
+        assert settings["dataset"] == str(folder) and settings["split"] == "train"
+        assert texts(ds) == documents
+        assert texts(ds, start=150) == documents[150:]
     cfg = fineweb.BuildConfig(dataset=str(folder), text_column="body", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(fineweb.FinewebError, match="no column 'body'; its columns are: id, text"):
-        next(fineweb.HubSource(cfg).texts())
+        fineweb.open_dataset(cfg, None)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -381,7 +483,8 @@ def assert_error(result, *needles):
 
 
 def test_missing_path(tmp_path):
-    assert_error(cli("--dataset", tmp_path / "nope.jsonl", "--out-dir", tmp_path / "out"), "nope.jsonl: no such file or folder")
+    assert_error(cli("--dataset", tmp_path / "nope.jsonl", "--out-dir", tmp_path / "out"),
+                 "nope.jsonl: no such file or folder")
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -391,7 +494,7 @@ def test_unknown_column_lists_the_columns(documents, tmp_path):
                  "d.parquet has no column 'body'; its columns are: id, text", "--text-column")
     jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:20])
     assert_error(cli("--dataset", jsonl, "--text-column", "body", "--out-dir", tmp_path / "o2"),
-                 "d.jsonl line 1 has no key 'body'; its keys are: id, text")
+                 "d.jsonl has no column 'body'; its columns are: id, text")
     assert leftovers(tmp_path) == []
 
 
@@ -400,19 +503,25 @@ def test_non_string_text(documents, tmp_path):
     assert_error(cli("--dataset", parquet, "--text-column", "number", "--out-dir", tmp_path / "o1"),
                  "column 'number' holds int64, not text")
     parquet = write_parquet(tmp_path / "nulls.parquet", documents[:100] + [None] + documents[100:110])
-    assert_error(cli("--dataset", parquet, "--out-dir", tmp_path / "o3"), "nulls.parquet: row 100 has no text")
-    # a bad value deep in the file (the start is checked before any work; this is found while
-    # building): the shards before it are kept whole, nothing half-written
+    assert_error(cli("--dataset", parquet, "--out-dir", tmp_path / "o3"),
+                 "nulls.parquet: document 100 (counting from 0) has no text")
+    assert not os.path.exists(tmp_path / "o3")
+    # a JSON key holding a number in one line and strings in the others
     with open(tmp_path / "d.jsonl", "w", encoding="utf-8") as f:
         for doc in (documents * 3)[:1100]:
             f.write(json.dumps({"text": doc}) + "\n")
         f.write(json.dumps({"text": 42}) + "\n")
-    result = cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o2", "--shard-size", 20000, "--batch-chars", 2000)
-    assert_error(result, "d.jsonl line 1101: 'text' is int, not a string")
+    result = cli("--dataset", tmp_path / "d.jsonl", "--out-dir", tmp_path / "o4")
+    assert_error(result, "d.jsonl")  # datasets >= 5 loads the column as JSON values, 4.x fails to load it:
+    assert re.search(r"column 'text' holds values of mixed JSON types|Column\(/text\) changed from string to number",
+                     result.stderr), result.stderr
+    # a bad value deep in the file, found while building: the shards before it are kept whole, nothing
+    # half-written
+    parquet = write_parquet(tmp_path / "deep.parquet", (documents * 13)[:5000] + [None])
+    result = cli("--dataset", parquet, "--out-dir", tmp_path / "o2", "--shard-size", 20000, "--batch-chars", 2000)
+    assert_error(result, "deep.parquet: document 5,000 (counting from 0) has no text")
     assert len(shard_files(tmp_path / "o2")) >= 2 and fineweb.verify(str(tmp_path / "o2"), log=lambda *a: None) == []
     assert leftovers(tmp_path) == []
-    with pytest.raises(fineweb.FinewebError, match="document 6 .* is null, not a string"):
-        list(fineweb.TokenizerPool(0).tokenize([(5, ["fine", None])]))
 
 
 def test_unwritable_out_dir(documents, tmp_path):
@@ -424,3 +533,89 @@ def test_unwritable_out_dir(documents, tmp_path):
         os.chmod(tmp_path / "read_only", 0o555)
         assert_error(cli("--dataset", jsonl, "--out-dir", tmp_path / "read_only"), "cannot write to --out-dir")
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--shard-size", 1024, "from 1,025 to 1,000,000,000 (a shard holds at least one GPT-2 sequence of 1024 tokens + 1"),
+    ("--shard-size", 10**10, "from 1,025 to 1,000,000,000"),
+    ("--max-tokens", 0, "of at least 1,026"),
+    ("--workers", -1, "from 0 to 1,024"),
+    ("--workers", 5000, "from 0 to 1,024"),
+    ("--batch-chars", 100, "from 1,024 to 1,073,741,824"),
+])
+def test_numeric_flags_have_ranges(documents, tmp_path, flag, value, allowed):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:20])
+    result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", flag, value)
+    assert_error(result, f"{flag} must be an integer {allowed}", f"got {value:,}")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_refuses_output_the_trainer_cannot_use(documents, tmp_path):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:200])
+    for prefix in ["", "a/b"]:
+        assert_error(cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--prefix", prefix),
+                     f"--prefix {prefix!r}: give a non-empty file name prefix, without a path separator")
+    assert_error(cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--shard-size", 5000, "--max-tokens", 5000),
+                 "--max-tokens must exceed --shard-size (5,000)")
+    assert not os.path.exists(tmp_path / "out")
+    # a dataset that fits in the val shard: nothing written (an empty folder given stays empty), and the
+    # message says how many tokens there are and which --shard-size would do
+    n = len(token_stream(documents[:200]))
+    os.makedirs(tmp_path / "given")
+    for out in (tmp_path / "out", tmp_path / "given"):
+        assert_error(cli("--dataset", jsonl, "--out-dir", out, "--shard-size", n),
+                     f"yields {n:,} tokens, fewer than a val shard plus a train shard (--shard-size {n:,})",
+                     f"e.g. --shard-size {(n + 1) // 2:,}")
+    assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path / "given") == []
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", ["A few words."])
+    assert_error(cli("--dataset", tiny, "--out-dir", tmp_path / "out", "--shard-size", 1025), "needs 2,050 at least")
+    result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", "--shard-size", (n + 1) // 2)  # as suggested
+    assert result.returncode == 0, result.stderr
+    assert shard_files(tmp_path / "out") == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
+
+
+# -----------------------------------------------------------------------------------------------
+# Shared helpers: atomic_write, shard names, download
+
+
+def test_atomic_write_permissions_result_and_cleanup(tmp_path):
+    path = str(tmp_path / "f.txt")
+    old = os.umask(0o027)
+    try:
+        assert fineweb.atomic_write(path, lambda f: f.write(b"hello")) == 5
+    finally:
+        os.umask(old)
+    assert open(path, "rb").read() == b"hello" and os.stat(path).st_mode & 0o777 == 0o640
+
+    def nested(f):  # a second writer of the same path while the first one's file is open: its own name
+        f.write(b"outer")
+        fineweb.atomic_write(path, lambda g: g.write(b"inner") and temps.append(sorted(os.listdir(tmp_path))))
+
+    temps = []
+    fineweb.atomic_write(path, nested)
+    assert open(path, "rb").read() == b"outer" and len([n for n in temps[0] if n.endswith(".tmp")]) == 2
+    for error in (ValueError, KeyboardInterrupt):
+        def fail(f):
+            f.write(b"half")
+            raise error
+
+        with pytest.raises(error):
+            fineweb.atomic_write(path, fail)
+        assert os.listdir(tmp_path) == ["f.txt"] and open(path, "rb").read() == b"outer"
+
+
+def test_shard_names_and_pattern():
+    for prefix, index, split in [("edufineweb", 0, "val"), ("my_data", 123, "train")]:
+        m = fineweb.SHARD_RE.match(fineweb.shard_name(prefix, index))
+        assert (m["prefix"], m["split"], int(m["index"])) == (prefix, split, index)
+    for name in ["x_val_00001.npy", "x_test_000001.npy", "x_val_000000.npy.tmp", ".x_val_000000.npy.ab1.tmp"]:
+        assert fineweb.SHARD_RE.match(name) is None, name
+
+
+def test_download(tmp_path):
+    (tmp_path / "src.txt").write_bytes(b"some bytes")
+    fineweb.download((tmp_path / "src.txt").as_uri(), str(tmp_path / "new" / "got.txt"))
+    assert (tmp_path / "new" / "got.txt").read_bytes() == b"some bytes"
+    with pytest.raises(OSError):
+        fineweb.download((tmp_path / "missing.txt").as_uri(), str(tmp_path / "new" / "none.txt"))
+    assert os.listdir(tmp_path / "new") == ["got.txt"]

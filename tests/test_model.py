@@ -1,6 +1,5 @@
 """The model is exactly GPT-2: compared with Hugging Face's GPT2LMHeadModel, not with itself."""
 import math
-import time
 
 import pytest
 import torch

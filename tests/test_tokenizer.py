@@ -1,6 +1,5 @@
 import socket
 
-import pytest
 
 import fineweb
 
