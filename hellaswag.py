@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from fineweb import atomic_write
 from fineweb import download as download_file
 from fineweb import gpt2_tokenizer
 
@@ -424,8 +425,7 @@ def run(args):
                                                  "predictions")}
                 record = {"split": args.split, "data": args.data, "model": args.checkpoint or args.model or "gpt2",
                           **record}
-                with open(args.out, "w") as f:
-                    json.dump(record, f)
+                atomic_write(args.out, lambda f: f.write(json.dumps(record).encode()))
             print(f"hellaswag {args.split}: n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f}")
     finally:
         train_gpt2.cleanup_distributed()

@@ -561,8 +561,8 @@ class DataLoader:
         """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`."""
         buf = torch.from_numpy(self.tokens(seq_numbers).astype(np.int64))  # only this batch becomes int64
         if device is not None and device.type == "cuda":
-            # Speed: one copy of the contiguous (B, T + 1) block from pinned (page-locked) memory runs
-            # asynchronously, overlapping the GPU's work; x and y are views of it on the GPU
+            # Speed: one copy of the contiguous (B, T + 1) block, from pinned (page-locked) memory, is queued
+            # without making the CPU wait, so it goes on launching the step's kernels; x and y are views of it
             buf = buf.pin_memory().to(device, non_blocking=True)
         elif device is not None:
             buf = buf.to(device)
@@ -687,19 +687,20 @@ def load_model_from_checkpoint(path: str, device="cpu") -> GPT:
     return model.to(device).eval()
 
 
-def rng_state() -> dict:
+def rng_state(device_type: str) -> dict:
+    """The random states a run draws from: Python's, NumPy's, torch's CPU one and its device's (dropout)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device_type in ("cuda", "mps"):
+        state[device_type] = getattr(torch, device_type).get_rng_state()
     return state
 
 
-def set_rng_state(state: dict):
+def set_rng_state(state: dict, device_type: str):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if device_type in state:
+        getattr(torch, device_type).set_rng_state(state[device_type])
 
 
 def checkpoint_path(log_dir: str, step: int) -> str:
@@ -778,7 +779,9 @@ class RunFolder:
     def __init__(self, path: str):
         self.path, self.lock_fd = path, None
 
-    def prepare(self, resuming: bool, overwrite: bool, say):
+    def prepare(self, resuming: bool, overwrite: bool):
+        """Before anything is built: a folder, locked, holding no other run (unless resuming or
+        overwriting it: its files are deleted only by clear(), once everything else has been checked)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"--log-dir {self.path}: a file, not a folder; pass another --log-dir")
         try:
@@ -786,7 +789,9 @@ class RunFolder:
         except OSError as e:
             raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir") from None
         self.lock()
-        self.claim(resuming, overwrite, say)
+        if self.other_run() and not resuming and not overwrite:
+            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): continue it "
+                              f"with --resume auto, pass another --log-dir, or pass --overwrite to delete that run first")
 
     def lock(self):
         """Become the folder's one writer, or raise ConfigError naming the process that is."""
@@ -800,29 +805,29 @@ class RunFolder:
             raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another --log-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for it to end, "
                               f"or pass another --log-dir") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            print(f"warning: --log-dir {self.path}: cannot be locked ({e.strerror}); one run at a time, please")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.lock_fd = fd  # held open (and locked) until the process exits
 
-    def claim(self, resuming: bool, overwrite: bool, say):
-        """Refuse another run's files, or delete them with --overwrite; remove the temporary files of a
-        killed save."""
-        names = sorted(os.listdir(self.path))
-        theirs = [n for n in names if n in ("log.txt", "latest") or CHECKPOINT_NAME.fullmatch(n)
-                  or n.startswith("events.out.tfevents.")]
-        if theirs and not resuming:
-            if not overwrite:
-                raise ConfigError(f"--log-dir {self.path} holds another run ({describe(theirs)}): continue it with "
-                                  f"--resume auto, pass another --log-dir, or pass --overwrite to delete that run first")
-            for n in theirs:
+    def other_run(self) -> list[str]:
+        """Files of a run in the folder: log.txt, latest, checkpoints, TensorBoard events."""
+        return [n for n in sorted(os.listdir(self.path)) if n in ("log.txt", "latest") or CHECKPOINT_NAME.fullmatch(n)
+                or n.startswith("events.out.tfevents.")]
+
+    def clear(self, overwrite: bool, say):
+        """With --overwrite, delete the other run's files; always, the temporary files of a killed save."""
+        if overwrite and self.other_run():
+            for n in self.other_run():
                 os.remove(os.path.join(self.path, n))
-            say(f"--overwrite: deleted {len(theirs)} file(s) of the previous run in {self.path}")
-        for n in names:
+            say(f"--overwrite: deleted the previous run's files in {self.path}")
+        for n in os.listdir(self.path):
             if n.startswith(".") and n.endswith(".tmp"):  # a save killed half way
                 os.remove(os.path.join(self.path, n))
 
@@ -974,9 +979,11 @@ def peak_flops(device_name: str) -> float | None:
     factor, which runs at a lower clock, is added when the name says so: "NVIDIA H100 80GB HBM3" ->
     "H100", "NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"."""
     words = [w for w in re.split(r"[\s\-_]+", device_name.upper()) if w and w not in ("NVIDIA", "TESLA", "GEFORCE")]
-    if not words:
+    if not words or "MIG" in words:  # a MIG slice has a fraction of the GPU's peak
         return None
-    model = " ".join(words[:2]) if words[0] in ("RTX", "QUADRO") and len(words) > 1 else words[0]
+    n = 2 if words[0] in ("RTX", "QUADRO") and len(words) > 1 else 1
+    n += sum(1 for w in words[n : n + 2] if w in ("TI", "SUPER", "D"))  # "RTX 3090 Ti" is not an "RTX 3090"
+    model = " ".join(words[:n])
     form = next((f for f in ("PCIE", "NVL") if f in words[1:]), None)
     table = {key.upper(): flops for key, flops in GPU_PEAK_FLOPS.items()}
     return table.get(f"{model} {form}") or table.get(model)
@@ -1097,18 +1104,20 @@ class StopRequest:
                 if signum == signal.SIGINT and self.requested:
                     print("second interrupt: exiting now", file=sys.stderr, flush=True)
                     os._exit(130)
-                self.requested = True
+                self.requested = self.requested or signum in (signal.SIGINT, signal.SIGTERM)
 
 
 def on_rank0(d: Dist, work):
-    """work() on rank 0 only; if it raises a ConfigError or CheckpointError, every rank raises it (so
-    that no rank waits forever in a collective for one that has exited)."""
+    """work() on rank 0 only; if it fails (a ConfigError, CheckpointError or OSError), every rank raises
+    the error (so that no rank waits forever in a collective for one that has exited)."""
     error = None
     if d.is_main:
         try:
             work()
         except (ConfigError, CheckpointError) as e:
             error = e
+        except OSError as e:
+            error = CheckpointError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
     if d.ddp:
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -1329,7 +1338,10 @@ def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve
                 loss.backward()
                 del held, x, loss
             return True
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower() \
+                    and "ALLOC_FAILED" not in str(e):
+                raise
             return False
         finally:
             model.zero_grad(set_to_none=True)
@@ -1380,12 +1392,18 @@ class Trainer:
                 import tensorboard  # noqa: F401
             except ImportError:
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        if cfg.export_hf and os.path.exists(cfg.export_hf) and not os.path.isdir(cfg.export_hf):
-            raise ConfigError(f"--export-hf {cfg.export_hf}: a file, not a folder")
+        if cfg.export_hf:  # found out now, not after hours of training
+            try:
+                import transformers  # noqa: F401
+
+                os.makedirs(cfg.export_hf, exist_ok=True)
+            except (ImportError, OSError) as e:
+                raise ConfigError(f"--export-hf {cfg.export_hf}: {getattr(e, 'strerror', None) or e}") from None
 
         # the run folder: one run, one writer (rank 0); --eval-only writes nothing there
+        folder = RunFolder(cfg.log_dir)
         if not cfg.eval_only:
-            on_rank0(d, lambda: RunFolder(cfg.log_dir).prepare(bool(cfg.resume), cfg.overwrite, say))
+            on_rank0(d, lambda: folder.prepare(bool(cfg.resume), cfg.overwrite))
 
         # the checkpoint to resume from, read onto the CPU
         self.resume_path, ckpt = cfg.resume or None, None
@@ -1455,8 +1473,10 @@ class Trainer:
         if cfg.batch_size != "auto":
             B = cfg.batch_size
         elif d.device_type == "cuda":
+            # held aside: AdamW's two fp32 moments, DDP's gradient buckets, and 512 MB for NCCL and the compiler
             n_params = sum(p.numel() for p in self.raw_model.parameters())
-            B, too_big = fit_micro_batch(self.raw_model, per_rank, T, d.device, self.autocast, reserve_bytes=8 * n_params)
+            reserve = (12 if d.ddp else 8) * n_params + (512 << 20)
+            B, too_big = fit_micro_batch(self.raw_model, per_rank, T, d.device, self.autocast, reserve_bytes=reserve)
             if d.ddp:  # every rank must use the same B: the smallest that fits everywhere
                 agreed = torch.tensor(B, device=d.device)
                 dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -1488,6 +1508,8 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
                              gradient_as_bucket_view=True, **{no_sync: False})
 
+        if not cfg.eval_only:  # everything checked: now --overwrite may delete the previous run
+            on_rank0(d, lambda: folder.clear(cfg.overwrite, say))
         self.log = RunLog(None if cfg.eval_only else cfg.log_dir, d.is_main, cfg.tensorboard)
         self.log.start(run_header(argv, d), resume_step=self.start_step if self.resume_path else None)
         name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
@@ -1527,7 +1549,10 @@ class Trainer:
         if cfg.eval_only:
             say(f"loaded {self.resume_path} (step {self.start_step})")
             return
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
+        for group, settings in zip(self.optimizer.param_groups, ours):  # but weight decay, betas, fused... are
+            group.update(settings)  # this run's, not the checkpoint's
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         saved = ckpt["run_config"]
@@ -1537,7 +1562,7 @@ class Trainer:
             say(f"warning: {', '.join(changed)}: the data order differs from the original run")
         self.train_loader.load_state_dict(ckpt["train_loader"])
         if ckpt["world_size"] == d.world_size:
-            set_rng_state(ckpt["rng"][d.rank])
+            set_rng_state(ckpt["rng"][d.rank], d.device_type)
         else:
             say(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, optimizer, "
                 f"step and data position are kept (a step's data does not depend on the number of processes); "
@@ -1582,7 +1607,7 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------------------
 
-    def train_step(self, step: int, stop_requested: bool) -> bool:
+    def train_step(self, step: int, stop: "StopRequest") -> bool:
         """Forward and backward over this step's micro-batches, clip the gradient, set the learning
         rate, then update, unless the loss is not finite (in fp16 the scaler also skips a step whose
         gradients overflowed). Prints the step's line; returns whether any rank was asked to stop."""
@@ -1601,7 +1626,7 @@ class Trainer:
             group["lr"] = lr
         # one all-reduce per step, for the log and the stop: the loss averaged over ranks (the gradients
         # already are), and whether any rank was told to stop, so that all stop after the same step
-        stats = torch.stack([loss.float(), torch.tensor(float(stop_requested), device=d.device)])
+        stats = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=d.device)])
         if d.ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         loss_value, stop_now, norm_value = stats[0].item() / d.world_size, stats[1].item() > 0, norm.item()
@@ -1655,22 +1680,21 @@ class Trainer:
         d = self.d
         rngs = [None] * d.world_size
         if d.ddp:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(d.device_type))
         else:
-            rngs[0] = rng_state()
+            rngs[0] = rng_state(d.device_type)
+        state = None
         if d.is_main:
-            t0 = time.perf_counter()
-            path = save_checkpoint(self.cfg.log_dir, {
+            state = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": done,
                 "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "train_loader": self.train_loader.state_dict(), "rng": rngs,
                 "model_config": asdict(self.raw_model.config), "run_config": asdict(self.cfg),
-                "world_size": d.world_size, "val_loss": self.last_val, "skipped_steps": self.skipped_total,
-            }, keep=self.cfg.keep_checkpoints)
-            self.log.print0(f"saved {path} ({time.perf_counter() - t0:.2f}s)")
-        if d.ddp:
-            dist.barrier()
+                "world_size": d.world_size, "val_loss": self.last_val, "skipped_steps": self.skipped_total}
+        t0 = time.perf_counter()
+        on_rank0(d, lambda: save_checkpoint(self.cfg.log_dir, state, keep=self.cfg.keep_checkpoints))  # all wait
+        self.log.print0(f"saved {checkpoint_path(self.cfg.log_dir, done)} ({time.perf_counter() - t0:.2f}s)")
 
     def export(self):
         if self.cfg.export_hf and self.d.is_main:
@@ -1688,31 +1712,33 @@ def train(cfg: RunConfig, d: Dist, argv: list[str]):
         run.sample(run.start_step)
         run.export()
         return
-    stop, stopped = StopRequest(), False
+    stop = StopRequest()
     stop.install()
-    for step in range(run.start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        # evaluation comes before the step: at step 0 it shows the untrained model (loss ln 50257 = 10.8)
-        if due(cfg.val_every, step, last_step):
-            run.validate(step)
-        if due(cfg.hellaswag_every, step, last_step):
-            run.hellaswag(step)
-        if due(cfg.sample_every, step, last_step) and step > 0:
-            run.sample(step)
-        stop_now = run.train_step(step, stop.requested)
-        # no periodic checkpoint during a run of non-finite losses: keep the last good ones on disk
-        if stop_now or (due(cfg.checkpoint_every, step + 1, last_step) and run.bad_in_a_row == 0):
-            run.save(step + 1)
-        if stop_now:
-            run.log.print0(f"stopped by signal after step {step}; continue with --resume auto")
-            stopped = True
-            break
-    run.log.close()
-    if not stopped and run.bad_in_a_row:
+    try:
+        for step in range(run.start_step, cfg.max_steps):
+            last_step = step == cfg.max_steps - 1
+            # evaluation comes before the step: at step 0 it shows the untrained model (loss ln 50257 = 10.8).
+            # Asked to stop, the run skips it: torchrun allows 30 s between its SIGTERM and a SIGKILL.
+            evaluate = not stop.requested
+            if evaluate and due(cfg.val_every, step, last_step):
+                run.validate(step)
+            if evaluate and due(cfg.hellaswag_every, step, last_step):
+                run.hellaswag(step)
+            if evaluate and due(cfg.sample_every, step, last_step) and step > 0:
+                run.sample(step)
+            stop_now = run.train_step(step, stop)  # a step under way when a signal comes is finished
+            # no periodic checkpoint during a run of non-finite losses: keep the last good ones on disk
+            if stop_now or (due(cfg.checkpoint_every, step + 1, last_step) and run.bad_in_a_row == 0):
+                run.save(step + 1)
+            if stop_now:
+                run.log.print0(f"stopped by signal after step {step}; continue with --resume auto")
+                return
+    finally:
+        run.log.close()  # TensorBoard's last points too, whatever ends the run
+    if run.bad_in_a_row:
         raise TrainingError(f"the last step ({cfg.max_steps - 1}) was skipped: its loss was not finite; "
                             f"{run.last_good()}")
-    if not stopped:
-        run.export()
+    run.export()
 
 
 def main(argv=None):

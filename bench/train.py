@@ -46,10 +46,14 @@ from train_gpt2 import GPT, PRESETS, Dist, GPTConfig, RunConfig
 MODEL_PRESETS = {"124m": "gpt2-124m", "shakespeare": "shakespeare"}  # --model -> train_gpt2 preset
 
 
+BENCH_MICRO_BATCH = 64  # the 124M preset's --batch-size is auto (a memory probe); the benchmark times B=64
+
+
 def preset_shapes(preset: str) -> dict:
     """n_layer, n_head, n_embd, batch_size, seq_len of a training preset."""
     values = {**vars(RunConfig()), **PRESETS[preset]}
-    return {k: values[k] for k in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len")}
+    shapes = {k: values[k] for k in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len")}
+    return {**shapes, "batch_size": BENCH_MICRO_BATCH if shapes["batch_size"] == "auto" else shapes["batch_size"]}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -161,8 +165,7 @@ class Contender:
 
 
 def synchronize(d: Dist):
-    if d.device_type == "cuda":
-        torch.cuda.synchronize(d.device)
+    train_gpt2.synchronize(d.device)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -423,7 +426,8 @@ def main(argv=None):
         contenders.append(Contender("peer (GPT2LMHeadModel)", build_peer(args, d.device), args, d, autocast, scaler))
     flops_per_token = contenders[0].raw_model.flops_per_token(args.seq_len)
     name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
-    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else train_gpt2.peak_flops(name)
+    # no MFU in fp32: the table holds the bf16 (fp16) peaks, as in training
+    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else train_gpt2.peak_flops(name) if dtype_name != "fp32" else None
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
     where = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else f"{d.device_type}, {torch.get_num_threads()} threads" + (

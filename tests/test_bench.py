@@ -41,3 +41,13 @@ def test_peer_scores_the_same_targets():
         want = ours(x, y)[1].item()
         got = peer(x, y)[1].item()
     assert abs(got - want) < 1e-4
+
+
+def test_the_124m_shapes_resolve_to_a_number():
+    """The 124M preset trains with --batch-size auto; the benchmark times a fixed micro-batch (64)."""
+    import bench.train as bench
+
+    args = bench.parse_args(["--device", "cpu", "--model", "124m"])
+    bench.resolve(args)
+    assert (args.batch_size, args.seq_len, args.n_layer) == (64, 1024, 12)
+    assert bench.random_loader(2, 1024, 1).next_batch()[0].shape == (2, 1024)

@@ -188,6 +188,11 @@ def test_a_used_folder_is_refused_then_overwritten_and_pruning_keeps_the_new_che
     p = run_train(*ARGS, "--max-steps", "2", "--log-dir", str(d), check=False)
     one_line_error(p, f"--log-dir {d} holds another run", "--resume auto", "--log-dir", "--overwrite")
     assert sorted(tg.checkpoint_steps(str(d))) == [10, 11, 12]  # untouched
+    # --overwrite with a mistake elsewhere: the error comes first, the old run stays
+    p = run_train(*ARGS, "--max-steps", "2", "--input", str(tmp_path / "typo.txt"), "--log-dir", str(d), "--overwrite",
+                  check=False)
+    one_line_error(p, "typo.txt: no such file")
+    assert sorted(tg.checkpoint_steps(str(d))) == [10, 11, 12] and (d / "log.txt").exists()
     p = run_train(*ARGS, "--max-steps", "2", "--checkpoint-every", "1", "--log-dir", str(d), "--overwrite")
     assert "--overwrite: deleted" in p.stdout
     assert tg.checkpoint_steps(str(d)) == [1, 2] and tg.latest_checkpoint(str(d)).endswith("ckpt_000002.pt")
@@ -339,3 +344,13 @@ def test_every_ddp_rank_stops_on_a_refused_folder(tmp_path):
     run_train(*ARGS, "--max-steps", "1", "--checkpoint-every", "1", "--log-dir", str(d))
     p = run_train(*ARGS, "--batch-size", "4", "--max-steps", "1", "--log-dir", str(d), nproc=2, check=False, timeout=180)
     assert p.returncode != 0 and p.stderr.count("holds another run") == 1, p.stderr[-3000:]
+
+
+def test_resume_takes_the_optimizer_settings_of_the_command_line(tmp_path):
+    """The checkpoint brings AdamW's moments; weight decay and the like are what this run asks for."""
+    d = tmp_path / "run"
+    run_train(*ARGS, "--max-steps", "2", "--checkpoint-every", "2", "--log-dir", str(d))
+    run_train(*ARGS, "--max-steps", "3", "--checkpoint-every", "1", "--weight-decay", "0.5", "--resume", "auto",
+              "--log-dir", str(d))
+    groups = tg.read_checkpoint(tg.latest_checkpoint(str(d)))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]

@@ -287,7 +287,9 @@ def test_peak_flops_matches_exact_model_names():
     assert tg.peak_flops("Tesla V100-SXM2-16GB") == 125e12 and tg.peak_flops("Tesla V100-PCIE-32GB") == 112e12
     assert tg.peak_flops("Tesla T4") == 65e12  # fp16: no bf16 before Ampere
     assert tg.peak_flops("NVIDIA GeForce RTX 4090") == 165.2e12
-    for unknown in ("NVIDIA A10G", "NVIDIA GeForce RTX 3080", "Quadro RTX 6000", "cpu", ""):
+    unknown = ("NVIDIA A10G", "NVIDIA GeForce RTX 3080", "Quadro RTX 6000", "NVIDIA GeForce RTX 3090 Ti",
+               "NVIDIA A100-SXM4-40GB MIG 1g.5gb", "cpu", "")  # a 3090 Ti is no 3090; a MIG slice no whole GPU
+    for unknown in unknown:
         assert tg.peak_flops(unknown) is None, unknown
 
 
