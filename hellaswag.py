@@ -66,7 +66,8 @@ def download(split: str = "val", fix: str = "pass --data FILE with a local copy"
     try:
         download_file(url, path)  # into a temporary file, renamed when complete
     except OSError as e:
-        raise HellaSwagError(f"cannot download {url} ({getattr(e, 'reason', None) or e}); without network, {fix}") from None
+        reason = getattr(e, "reason", None) or e
+        raise HellaSwagError(f"cannot download {url} ({reason}); without network, {fix}") from None
     return path
 
 
@@ -368,7 +369,8 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples (0: all)")
     parser.add_argument("--data", default=None, help="a local HellaSwag JSON-lines file instead of the download")
     parser.add_argument("--split", default="val", choices=SPLITS, help="which split to download (default val)")
-    parser.add_argument("--out", default=None, help="write n, acc, acc_norm and per-example predictions to this JSON file")
+    parser.add_argument("--out", default=None,
+                        help="write n, acc, acc_norm and per-example predictions to this JSON file")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
@@ -419,7 +421,8 @@ def run(args):
             if result["cropped"]:
                 print(f"{result['cropped']} of {result['n']} examples are longer than the model's block_size "
                       f"{model.config.block_size}: their contexts were cropped from the left")
-            print(f"scored {result['n']} examples in {elapsed:.1f} s ({result['n'] / max(elapsed, 1e-9):.1f} examples/s)")
+            rate = result["n"] / max(elapsed, 1e-9)
+            print(f"scored {result['n']} examples in {elapsed:.1f} s ({rate:.1f} examples/s)")
             if args.out:
                 record = {k: result[k] for k in ("n", "cropped", "correct", "correct_norm", "acc", "acc_norm",
                                                  "predictions")}

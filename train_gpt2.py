@@ -185,8 +185,9 @@ class GPT(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if pos is None:
             if past + T > self.config.block_size:
-                raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size "
-                                 f"{self.config.block_size}: crop the input to the last {self.config.block_size} tokens")
+                bs = self.config.block_size
+                raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size {bs}: "
+                                 f"crop the input to the last {bs} tokens")
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         # with explicit position ids (packed rows), the position table bounds the positions, not T
         x = self.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
@@ -230,7 +231,8 @@ class GPT(nn.Module):
         token table counts: it is also the lm_head matmul); 6 = 2 (multiply-add) x 3 (forward, and
         backward for inputs and weights); the second term is attention's QK^T and AV."""
         T = seq_len or self.config.block_size
-        return 6 * self.num_params(include_position_embeddings=False) + 12 * self.config.n_layer * self.config.n_embd * T
+        N = self.num_params(include_position_embeddings=False)
+        return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
 
     def configure_optimizer(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), eps=1e-8):
         """AdamW; weight decay on matrices and embeddings (2-D), none on biases and LayerNorm."""
@@ -285,7 +287,8 @@ class GPT(nn.Module):
         elif name_or_dir in HF_MODEL_NAMES:
             from huggingface_hub import snapshot_download
 
-            folder = snapshot_download(f"openai-community/{name_or_dir}", allow_patterns=["config.json", "*.safetensors"])
+            folder = snapshot_download(f"openai-community/{name_or_dir}",
+                                       allow_patterns=["config.json", "*.safetensors"])
         else:
             raise ValueError(f"{name_or_dir!r} is neither a local directory nor one of {', '.join(HF_MODEL_NAMES)}")
         config_path = os.path.join(folder, "config.json")
@@ -435,7 +438,8 @@ def find_shards(data_dir: str, split: str) -> list[str]:
     fix = "run `python fineweb.py` to build them, or train on a text file with `--preset shakespeare` / `--input FILE`"
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data directory: {fix}")
-    found = sorted((int(m["index"]), m[0]) for m in map(SHARD_RE.fullmatch, os.listdir(data_dir)) if m and m["split"] == split)
+    matches = [m for m in map(SHARD_RE.fullmatch, os.listdir(data_dir)) if m and m["split"] == split]
+    found = sorted((int(m["index"]), m[0]) for m in matches)
     if not found:
         raise DataError(f"{data_dir}: no {split} shards (*_{split}_NNNNNN.npy): {fix}")
     return [os.path.join(data_dir, name) for _, name in found]
@@ -474,11 +478,13 @@ def load_text(path: str, val_fraction: float = 0.1):
             download(TINY_SHAKESPEARE_URL, path)
         except OSError as e:
             raise DataError(f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); download "
-                            f"{TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with another text file") from None
+                            f"{TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with another text file"
+                            ) from None
     with open(path, "rb") as f:
         raw = f.read()
     if b"\0" in raw:
-        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input with a UTF-8 text file")
+        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; "
+                        f"pass --input with a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -668,7 +674,8 @@ def read_checkpoint(path: str) -> dict:
     the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
     torch.cuda.set_rng_state take nothing else); load_state_dict copies the rest to the device."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if os.path.isdir(path) else 'no such checkpoint file'}")
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
+        raise CheckpointError(f"{path}: {what}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, random bytes, a pickle of something else...
@@ -728,8 +735,9 @@ def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
         previous = [s for s in checkpoint_steps(log_dir) if s != state["step"]]
         kept = f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path}: could not be written ({reason}; {shutil.disk_usage(log_dir).free / 1e9:.1f} GB "
-                              f"free in {log_dir}); {kept}: free some space, then continue with --resume auto") from None
+        free = shutil.disk_usage(log_dir).free / 1e9
+        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in {log_dir}); {kept}: "
+                              f"free some space, then continue with --resume auto") from None
     if keep > 0:  # the newest `keep` up to this one stay; later ones (from before a resume) are not ours to delete
         older = [s for s in checkpoint_steps(log_dir) if s < state["step"]]
         for step in older[: max(0, len(older) - (keep - 1))]:
@@ -790,11 +798,13 @@ class RunFolder:
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir") from None
+            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir"
+                              ) from None
         self.lock()
         if self.other_run() and not resuming and not overwrite:
-            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): continue it "
-                              f"with --resume auto, pass another --log-dir, or pass --overwrite to delete that run first")
+            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): continue "
+                              f"it with --resume auto, pass another --log-dir, or pass --overwrite to delete that "
+                              f"run first")
 
     def lock(self):
         """Become the folder's one writer, or raise ConfigError naming the process that is."""
@@ -878,7 +888,8 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
         raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
     rank, local_rank, world_size = 0, 0, 1
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":  # under torchrun, each process takes the GPU of its local rank
         device = torch.device("cuda", local_rank if world_size > 1 or device.index is None else device.index)
         torch.cuda.set_device(device)
@@ -908,8 +919,9 @@ def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if requested == "bf16" and major < 8:
-            raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
-                              f"has no bf16 hardware; use --dtype fp16 (or auto)")
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(f"--dtype bf16: {name} (compute capability {major}.{minor}) has no bf16 hardware; "
+                              f"use --dtype fp16 (or auto)")
         if requested == "auto":
             return torch.bfloat16 if major >= 8 else torch.float16
     return torch.float32 if requested == "auto" else DTYPES[requested]
@@ -1170,8 +1182,8 @@ def batch_size_value(text: str):
 
 @dataclass
 class RunConfig:
-    preset: str = arg("gpt2-124m", "settings to start from; flags override them (--input alone starts from shakespeare)",
-                      choices=tuple(PRESETS))
+    preset: str = arg("gpt2-124m", "settings to start from; flags override them (--input alone starts from "
+                      "shakespeare)", choices=tuple(PRESETS))
     # data
     data_dir: str = arg("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
     input: str = arg("", "train on this UTF-8 text file instead of shards (last 10%% is validation); "
@@ -1559,8 +1571,9 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         saved = ckpt["run_config"]
+        data_keys = ("seed", "seq_len", "total_batch_size", "input", "data_dir")
         changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-                   for k in ("seed", "seq_len", "total_batch_size", "input", "data_dir") if saved.get(k) != getattr(cfg, k)]
+                   for k in data_keys if saved.get(k) != getattr(cfg, k)]
         if changed:
             say(f"warning: {', '.join(changed)}: the data order differs from the original run")
         self.train_loader.load_state_dict(ckpt["train_loader"])
@@ -1666,7 +1679,8 @@ class Trainer:
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = self.flops_per_token * tokens_per_sec / d.world_size / self.peak if self.peak else None
         self.log.print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                        f"dt {1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+                        f"dt {1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}"
+                        + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
         self.log.record(step, "train", loss_value)
         self.log.scalars(step, lr=lr, grad_norm=norm_value if math.isfinite(norm_value) else None,
                          tokens_per_sec=tokens_per_sec, mfu=mfu)

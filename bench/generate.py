@@ -49,12 +49,14 @@ def main(argv=None):
     for _ in range(args.rounds):
         for use_cache in (True, False):
             g = torch.Generator(device=args.device).manual_seed(1)
-            out, dt = timed(lambda: model.generate(idx, args.new_tokens, top_k=50, generator=g, use_cache=use_cache), device_type)
+            out, dt = timed(lambda: model.generate(idx, args.new_tokens, top_k=50, generator=g, use_cache=use_cache),
+                            device_type)
             results[use_cache].append(args.batch * args.new_tokens / dt)
             outputs[use_cache] = out
     same = torch.equal(outputs[True], outputs[False])
     with_cache, without = statistics.median(results[True]), statistics.median(results[False])
-    print(f"model: {model.num_params():,} parameters, prompt {idx.size(1)} tokens, {args.new_tokens} new tokens x {args.batch}, {args.device}")
+    print(f"model: {model.num_params():,} parameters, prompt {idx.size(1)} tokens, {args.new_tokens} new tokens x "
+          f"{args.batch}, {args.device}")
     print(f"{'path':<22}{'tokens/s (median)':>20}")
     print(f"{'KV cache':<22}{with_cache:>20.1f}")
     print(f"{'full recompute':<22}{without:>20.1f}")

@@ -78,7 +78,8 @@ def main():
     parser.add_argument("--data", default=DEFAULT_DATA, help="HellaSwag JSON-lines file")
     parser.add_argument("--limit", type=int, default=200, help="first N examples (0: all)")
     parser.add_argument("--every", type=int, default=1,
-                        help="take every K-th example of the file (the val file's first 3,000 are ActivityNet, the rest longer WikiHow tasks)")
+                        help="take every K-th example of the file (the val file's first 3,000 are ActivityNet, the "
+                        "rest longer WikiHow tasks)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass for evaluate()")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")

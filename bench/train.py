@@ -10,13 +10,13 @@ alternate with ours, so a busy machine slows both alike. Warm-up steps are not t
 compiles; its time is shown apart); CUDA is synchronized before every clock read.
 
 Commands
-    python -m bench.train                            # CPU: the shakespeare preset's model (4 x 4 x 128), B=8, T=128, fp32
+    python -m bench.train                            # CPU: the shakespeare preset's model (4x4x128), B=8, T=128
     python -m bench.train --compile                  # the same, both models torch.compiled
     python -m bench.train --no-peer --steps 30       # ours only
     python -m bench.train --model 124m -B 4 -T 256   # GPT-2 124M shapes (slow on a CPU)
     python -m bench.train --device cuda              # a GPU: 124M, B=64, T=1024, bf16 autocast, compiled, TF32
     python -m bench.train --device cuda --attn flash --profile prof   # force an SDPA kernel; write profiles to prof/
-    TORCH_LOGS=graph_breaks python -m bench.train --compile --no-peer --steps 2   # prints nothing more if no graph breaks
+    TORCH_LOGS=graph_breaks python -m bench.train --compile --no-peer --steps 2   # silent if no graph breaks
 
 Output: a row per model: parameters, first step (s, compilation included), median ms/step and its
 tokens/s over the timed steps, MFU, peak memory; then ours / peer, from the median step times.
@@ -97,7 +97,8 @@ class HFPeer(nn.Module):
 
 
 def build_ours(args, device) -> GPT:
-    return GPT(GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).to(device)
+    config = GPTConfig(block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    return GPT(config).to(device)
 
 
 def build_peer(args, device) -> HFPeer:
@@ -123,7 +124,8 @@ class Contender:
         raw_model.train()
         # one optimizer recipe for both: configure_optimizer reads only .parameters(), so it builds the
         # peer's too (AdamW, betas (0.9, 0.95), eps 1e-8, decay 0.1 on 2-D tensors, fused kernel)
-        self.optimizer = GPT.configure_optimizer(raw_model, weight_decay=0.1, learning_rate=6e-4, device_type=d.device_type)
+        self.optimizer = GPT.configure_optimizer(raw_model, weight_decay=0.1, learning_rate=6e-4,
+                                                 device_type=d.device_type)
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
         self.model = torch.compile(raw_model) if args.compile else raw_model
         self.loader = random_loader(args.batch_size, args.seq_len, args.grad_accum, seed=args.seed)
@@ -174,8 +176,8 @@ def synchronize(d: Dist):
 
 def measure(contenders, args, d: Dist):
     """Warm-up steps for each model (the first compiles), then args.steps timed steps each, in
-    args.rounds rounds that alternate the models, each round after one untimed step. A model that fails (say, out of GPU memory) is
-    reported as such; the others go on."""
+    args.rounds rounds that alternate the models, each round after one untimed step. A model that
+    fails (say, out of GPU memory) is reported as such; the others go on."""
     for c in contenders:
         try:
             synchronize(d)
@@ -291,27 +293,33 @@ def parse_args(argv=None):
     p.add_argument("--n-layer", type=int, help="override the model's number of layers")
     p.add_argument("--n-head", type=int, help="override the model's number of heads")
     p.add_argument("--n-embd", type=int, help="override the model's width")
-    p.add_argument("-B", "--batch-size", type=int, help="micro-batch, sequences per forward pass (default: the model's)")
+    p.add_argument("-B", "--batch-size", type=int,
+                   help="micro-batch, sequences per forward pass (default: the model's)")
     p.add_argument("-T", "--seq-len", type=int, help="sequence length in tokens (default: the model's)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile both models (default: on for CUDA, off elsewhere, as in training)")
     p.add_argument("--attn", choices=["auto", "flash", "efficient", "cudnn", "math"], default="auto",
-                   help="the scaled_dot_product_attention kernel, forced with torch.nn.attention.sdpa_kernel (default auto)")
+                   help="the scaled_dot_product_attention kernel, forced with torch.nn.attention.sdpa_kernel "
+                   "(default auto)")
     p.add_argument("--dtype", choices=["auto", *train_gpt2.DTYPES], default="auto",
-                   help="autocast precision; auto = train_gpt2.autocast_dtype: bf16 on GPUs with bf16 hardware, fp16 on "
-                   "older GPUs, fp32 on CPU and MPS")
+                   help="autocast precision; auto = train_gpt2.autocast_dtype: bf16 on GPUs with bf16 hardware, "
+                   "fp16 on older GPUs, fp32 on CPU and MPS")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--steps", type=int, help="timed steps per model (default: 10 on CPU, 50 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps first, per model (default: 2 on CPU, 5 on CUDA)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds the timed steps are split into, alternating the models (default 5)")
-    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True, help="also time GPT2LMHeadModel (default on)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds the timed steps are split into, alternating the models (default 5)")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time GPT2LMHeadModel (default on)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: train_gpt2.keep_freed_memory() for both models, as training does (default on for "
                    "CPU; then no peak memory is shown: use --no-keep-freed-memory for it)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (default 0: torch's choice)")
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: train_gpt2.peak_flops on CUDA, none on CPU)")
-    p.add_argument("--profile", metavar="DIR", default="", help="after timing, profile a few steps of each model into DIR")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak TFLOP/s for MFU (default: train_gpt2.peak_flops on CUDA, none on CPU)")
+    p.add_argument("--profile", metavar="DIR", default="",
+                   help="after timing, profile a few steps of each model into DIR")
     p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (default 3)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the weights and tokens")
     return p.parse_args(argv)
@@ -396,7 +404,8 @@ def print_table(header, rows):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
-        return "| " + " | ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(cells, widths))) + " |"
+        padded = [str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
 
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -427,16 +436,19 @@ def main(argv=None):
     flops_per_token = contenders[0].raw_model.flops_per_token(args.seq_len)
     name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
     # no MFU in fp32: the table holds the bf16 (fp16) peaks, as in training
-    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else train_gpt2.peak_flops(name) if dtype_name != "fp32" else None
+    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else None
+    if peak_flops is None and dtype_name != "fp32":
+        peak_flops = train_gpt2.peak_flops(name)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
-    where = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else f"{d.device_type}, {torch.get_num_threads()} threads" + (
+    where = name or f"{d.device_type}, {torch.get_num_threads()} threads" + (
         ", freed memory kept" if args.keep_freed_memory else "")
     print(f"device: {where} | torch {torch.__version__} | {dtype_name} | {'compiled' if args.compile else 'eager'} | "
           f"attention: {args.attn}")
-    print(f"model: {args.model}, {args.n_layer} layers x {args.n_head} heads x {args.n_embd} wide | B={args.batch_size} "
-          f"T={args.seq_len} grad-accum={args.grad_accum}: {tokens_per_step:,} tokens/step")
-    print(f"timing: {args.warmup} warm-up steps, then {args.steps} timed steps per model in {args.rounds} alternating rounds | "
+    print(f"model: {args.model}, {args.n_layer} layers x {args.n_head} heads x {args.n_embd} wide | "
+          f"B={args.batch_size} T={args.seq_len} grad-accum={args.grad_accum}: {tokens_per_step:,} tokens/step")
+    print(f"timing: {args.warmup} warm-up steps, then {args.steps} timed steps per model in {args.rounds} alternating "
+          f"rounds | "
           f"FLOPs/token = model.flops_per_token({args.seq_len}) = 6N + 12LCT = {flops_per_token / 1e6:.1f}M"
           + (f" | peak {peak_flops / 1e12:.0f} TFLOP/s" if peak_flops else ""), flush=True)
 

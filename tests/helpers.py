@@ -8,7 +8,8 @@ SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakesp
 
 # a tiny model on Tiny Shakespeare: each step takes a few milliseconds on one CPU thread. The preset is
 # named because --input alone would start from the shakespeare preset (dropout 0.1, another LR).
-TINY = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+TINY = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+        "--seq-len", "32",
         "--total-batch-size", "256", "--warmup-steps", "2", "--val-tokens", "1024", "--hellaswag-every", "0",
         "--sample-every", "0", "--checkpoint-every", "0", "--val-every", "0", "--no-compile", "--device", "cpu"]
 
@@ -18,14 +19,17 @@ def env1():
 
 
 def train_cmd(*args, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return launcher + [os.path.join(ROOT, "train_gpt2.py"), *args]
 
 
 def run_train(*args, nproc=1, check=True, timeout=600, nan_steps="", extra_env=None):
     """train_gpt2.py in a fresh process; nan_steps ("3,5") makes those steps' losses NaN (a test hook)."""
     env = {**env1(), "TRAIN_GPT2_INJECT_NAN": nan_steps, **(extra_env or {})}
-    p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train_gpt2.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

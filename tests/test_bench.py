@@ -1,4 +1,5 @@
-"""bench/train.py (python -m bench.train): it runs end to end, and the peer it compares with does the same work as our model."""
+"""bench/train.py (python -m bench.train): it runs end to end, and the peer it compares with does the same work
+as our model."""
 import re
 import subprocess
 import sys

@@ -131,8 +131,10 @@ def test_interrupted_save_keeps_previous_and_leaves_no_temp_file(tmp_path, monke
 
 
 def test_keep_last_checkpoints(tmp_path):
-    run_train(*ARGS, "--max-steps", "10", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--log-dir", str(tmp_path))
-    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt")) == ["ckpt_000006.pt", "ckpt_000008.pt", "ckpt_000010.pt"]
+    run_train(*ARGS, "--max-steps", "10", "--checkpoint-every", "2", "--keep-checkpoints", "3", "--log-dir",
+              str(tmp_path))
+    kept = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pt"))
+    assert kept == ["ckpt_000006.pt", "ckpt_000008.pt", "ckpt_000010.pt"]
     ckpt = tg.read_checkpoint(tg.latest_checkpoint(str(tmp_path)))
     assert ckpt["step"] == 10 and ckpt["world_size"] == 1 and ckpt["train_loader"]["position"] == 10 * 8
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
@@ -171,5 +173,6 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         p = run_train(*ARGS, "--max-steps", "3", "--resume", str(path), "--log-dir", str(tmp_path / "x"), check=False)
         assert p.returncode == 1, p.stderr
         assert "Traceback" not in p.stderr and str(path) in p.stderr and message in p.stderr
-    p = run_train(*ARGS, "--max-steps", "3", "--n-layer", "3", "--resume", str(good), "--log-dir", str(tmp_path / "y"), check=False)
+    p = run_train(*ARGS, "--max-steps", "3", "--n-layer", "3", "--resume", str(good), "--log-dir", str(tmp_path / "y"),
+                  check=False)
     assert p.returncode == 1 and "n_layer: checkpoint 2, now 3" in p.stderr and "Traceback" not in p.stderr

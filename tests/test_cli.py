@@ -107,7 +107,8 @@ def tensorboard_scalars(log_dir):
 
 def test_tensorboard_curves_equal_the_log_and_continue_after_resume(tmp_path):
     d = tmp_path / "run"
-    args = [*ARGS, "--max-steps", "8", "--val-every", "3", "--checkpoint-every", "4", "--tensorboard", "--log-dir", str(d)]
+    args = [*ARGS, "--max-steps", "8", "--val-every", "3", "--checkpoint-every", "4", "--tensorboard",
+            "--log-dir", str(d)]
     run_train(*args, nan_steps="")
     # lose steps 4..7 (their checkpoint at step 8 too), then continue from the checkpoint of step 4
     os.remove(d / "ckpt_000008.pt")
@@ -150,14 +151,16 @@ def test_eval_only_validates_samples_and_writes_nothing(trained, shared_data):
 
 def test_eval_only_of_a_pretrained_model_and_export(tmp_path, tiny_hf_dir):
     out = tmp_path / "hf"
-    p = run_train("--eval-only", "--init-from", tiny_hf_dir, "--input", SHAKESPEARE, "--seq-len", "64", "--device", "cpu",
+    p = run_train("--eval-only", "--init-from", tiny_hf_dir, "--input", SHAKESPEARE, "--seq-len", "64",
+                  "--device", "cpu",
                   "--val-every", "1", "--hellaswag-every", "0", "--sample-tokens", "4", "--export-hf", str(out),
                   "--log-dir", str(tmp_path / "log"))
     assert "val loss" in p.stdout and "exported" in p.stdout
     assert not (tmp_path / "log").exists()
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    original, exported = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval(), GPT2LMHeadModel.from_pretrained(out).eval()
+    original = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    exported = GPT2LMHeadModel.from_pretrained(out).eval()
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, original(x).logits, atol=1e-5, rtol=1e-5)
@@ -223,7 +226,8 @@ def test_latest_that_is_a_folder_fails_before_training(tmp_path):
 
 def test_log_dir_that_is_not_a_writable_folder(tmp_path):
     (tmp_path / "file").write_text("x")
-    for log_dir, message in [(tmp_path / "file", "a file, not a folder"), (tmp_path / "file" / "sub", "cannot create it")]:
+    cases = [(tmp_path / "file", "a file, not a folder"), (tmp_path / "file" / "sub", "cannot create it")]
+    for log_dir, message in cases:
         p = run_train(*ARGS, "--max-steps", "1", "--log-dir", str(log_dir), check=False)
         one_line_error(p, f"--log-dir {log_dir}", message)
         assert "model:" not in p.stdout
@@ -342,7 +346,8 @@ def test_every_ddp_rank_stops_on_a_refused_folder(tmp_path):
     """Rank 0 checks the folder; the other ranks learn its verdict instead of waiting for it forever."""
     d = tmp_path / "run"
     run_train(*ARGS, "--max-steps", "1", "--checkpoint-every", "1", "--log-dir", str(d))
-    p = run_train(*ARGS, "--batch-size", "4", "--max-steps", "1", "--log-dir", str(d), nproc=2, check=False, timeout=180)
+    p = run_train(*ARGS, "--batch-size", "4", "--max-steps", "1", "--log-dir", str(d), nproc=2, check=False,
+                  timeout=180)
     assert p.returncode != 0 and p.stderr.count("holds another run") == 1, p.stderr[-3000:]
 
 

@@ -24,7 +24,8 @@ mps = pytest.mark.skipif(not torch.backends.mps.is_available(), reason="no MPS d
 
 # a small model on Tiny Shakespeare, on the GPU: compiled, default precision (bf16 from Ampere on)
 GPU = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "4", "--n-embd", "128",
-       "--seq-len", "128", "--total-batch-size", "8192", "--batch-size", "16", "--warmup-steps", "5", "--max-lr", "3e-3",
+       "--seq-len", "128", "--total-batch-size", "8192", "--batch-size", "16", "--warmup-steps", "5",
+       "--max-lr", "3e-3",
        "--val-tokens", "16384", "--hellaswag-every", "0", "--sample-every", "0", "--checkpoint-every", "0",
        "--val-every", "0", "--device", "cuda"]
 
@@ -111,7 +112,8 @@ def test_cuda_hellaswag_predictions_equal_the_cpus(tmp_path):
     for device, dtype in [("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "auto")]:
         out = tmp_path / f"{device}_{dtype}.json"
         p = subprocess.run([sys.executable, os.path.join(ROOT, "hellaswag.py"), "--checkpoint", ckpt, "--data",
-                            hellaswag_data(), "--limit", "500", "--device", device, "--dtype", dtype, "--out", str(out)],
+                            hellaswag_data(), "--limit", "500", "--device", device, "--dtype", dtype,
+                            "--out", str(out)],
                            cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-2000:]
         results[device, dtype] = json.loads(out.read_text())["predictions"]
@@ -125,7 +127,8 @@ def test_cuda_hellaswag_predictions_equal_the_cpus(tmp_path):
 
 @cuda
 def test_cuda_bench_train():
-    p = subprocess.run([sys.executable, "-m", "bench.train", "--device", "cuda", "--model", "shakespeare", "--steps", "5",
+    p = subprocess.run([sys.executable, "-m", "bench.train", "--device", "cuda", "--model", "shakespeare",
+                        "--steps", "5",
                         "--warmup", "2", "--rounds", "1"], cwd=ROOT, env=env1(), capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -22,9 +22,10 @@ def val_path(shared_data):
 
 
 def run_cli(*args, env=None, torchrun=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd + [os.path.join(ROOT, "hellaswag.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd + [os.path.join(ROOT, "hellaswag.py"), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def hf_losses(hf_path, examples):
         ctx = enc.encode(ex["ctx"])
         ends = [enc.encode(" " + ending) for ending in ex["endings"]]
         T = len(ctx) + max(map(len, ends))
-        logprobs = torch.log_softmax(hf(torch.tensor([ctx + e + [0] * (T - len(ctx) - len(e)) for e in ends])).logits.float(), -1)
+        rows = torch.tensor([ctx + e + [0] * (T - len(ctx) - len(e)) for e in ends])
+        logprobs = torch.log_softmax(hf(rows).logits.float(), -1)
         for i, end in enumerate(ends):
             rows = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(end))  # the positions predicting the ending
             nll = -logprobs[i, rows, torch.tensor(end)]
@@ -143,11 +145,13 @@ def test_examples_longer_than_block_size_are_cropped_from_the_left(shared_data, 
     from train_gpt2 import GPT
 
     torch.manual_seed(99)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)).save_pretrained(tmp_path)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
     examples = hellaswag.load_examples(val_path(shared_data), limit=40)
     enc = gpt2_tokenizer()
-    too_long = [len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"]) > 33 for ex in examples]
+    length = lambda ex: len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"])
+    too_long = [length(ex) > 33 for ex in examples]
     assert 20 <= sum(too_long) < len(examples)  # most are cropped, not all
     assert any(len(enc.encode(" " + e)) > 32 for ex in examples for e in ex["endings"])  # an ending too
     result = hellaswag.evaluate(model, examples, device="cpu", batch_size=8)
@@ -158,7 +162,8 @@ def test_examples_longer_than_block_size_are_cropped_from_the_left(shared_data, 
 def test_rendering_and_mask():
     enc = gpt2_tokenizer()
     example = {"ctx": "A man is sitting on a roof. he", "label": 3,
-               "endings": ["is using wrap.", "is ripping tiles off.", "is holding a cube.", "starts pulling up roofing."]}
+               "endings": ["is using wrap.", "is ripping tiles off.", "is holding a cube.",
+                           "starts pulling up roofing."]}
     r = hellaswag.render_example(example)
     assert r.ctx == enc.encode("A man is sitting on a roof. he") and r.label == 3
     assert r.endings[1] == enc.encode(" is ripping tiles off.")

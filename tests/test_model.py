@@ -146,7 +146,8 @@ def test_padded_ids_never_sampled():
     m = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     with torch.no_grad():  # make the padded rows irresistible: they must still never be chosen
         m.lm_head.weight[50257:] = 100.0
-    out = m.generate(torch.zeros(4, 1, dtype=torch.long), 10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    out = m.generate(torch.zeros(4, 1, dtype=torch.long), 10, temperature=1.0, generator=g)
     assert out.max().item() < 50257
     logits, _ = m(out[:, :16])
     assert logits.size(-1) == 50257

@@ -20,7 +20,8 @@ def test_committed_notebook_has_no_outputs():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code
     for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None, f"clear the outputs of play.ipynb:\n{cell.source[:200]}"
+        assert cell.outputs == [] and cell.execution_count is None, \
+            f"clear the outputs of play.ipynb:\n{cell.source[:200]}"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def executed(tmp_path_factory, shared_data):
     log_dir = tmp_path_factory.mktemp("run") / "log"
     run_train(*TINY, "--batch-size", "8", "--max-steps", "20", "--val-every", "5", "--checkpoint-every", "10",
               "--hellaswag-every", "10", "--hellaswag-limit", "8", "--block-size", "256",
-              "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(log_dir), nan_steps="7")
+              "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(log_dir),
+              nan_steps="7")
     nb = read_notebook()
     with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
         mp.setenv("LOG_DIR", str(log_dir))

@@ -79,7 +79,8 @@ def test_loader_ranks_disjoint_and_independent_of_micro_batch_and_world_size():
     arrays, n = shards_with_ids([401, 333, 257])
     reference = step_sequences(make_loader(arrays, B=8, seqs_per_step=8), 12)  # one process, one micro-step
     for B, world in [(4, 1), (2, 1), (4, 2), (2, 2), (1, 4), (2, 4)]:
-        per_rank = [step_sequences(make_loader(arrays, B=B, world_size=world, rank=r, seqs_per_step=8), 12) for r in range(world)]
+        loaders = [make_loader(arrays, B=B, world_size=world, rank=r, seqs_per_step=8) for r in range(world)]
+        per_rank = [step_sequences(loader, 12) for loader in loaders]
         for s in range(12):
             union = [i for r in range(world) for i in per_rank[r][s]]
             assert len(set(union)) == len(union) == 8  # ranks disjoint
@@ -142,8 +143,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "--total-batch-size 256 is not divisible" in p.stderr and "use 192 or 288" in p.stderr
     truncated = write_shards(str(tmp_path / "trunc"))
     open(truncated[2], "r+b").truncate(500)
-    p = run_train("--data-dir", str(tmp_path / "trunc"), "--seq-len", "32", "--batch-size", "4", "--total-batch-size", "128",
-                  "--val-tokens", "256", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--device", "cpu", check=False)
+    p = run_train("--data-dir", str(tmp_path / "trunc"), "--seq-len", "32", "--batch-size", "4", "--total-batch-size",
+                  "128", "--val-tokens", "256", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--device", "cpu",
+                  check=False)
     assert p.returncode != 0 and "t_train_000002.npy" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -252,7 +254,8 @@ def test_shakespeare_preset_learns(tmp_path):
     # the real preset, shortened (and its warmup with it): validation loss must fall well below its
     # start at ln(50257)
     run_train("--preset", "shakespeare", "--input", os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"),
-              "--max-steps", "30", "--warmup-steps", "10", "--val-every", "29", "--val-tokens", "4096", "--sample-every", "0",
+              "--max-steps", "30", "--warmup-steps", "10", "--val-every", "29", "--val-tokens", "4096",
+              "--sample-every", "0",
               "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
     val = read_log(tmp_path / "s", "val")
     assert val[0] > 10.5 and val[29] < val[0] - 2.0, val
@@ -264,14 +267,16 @@ def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
     import sys
 
     out = tmp_path / "shards"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--dataset", os.path.join(shared_data, "tinyshakespeare.txt"),
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--dataset",
+                        os.path.join(shared_data, "tinyshakespeare.txt"),
                         "--txt-docs", "paragraph", "--out-dir", str(out), "--shard-size", "40000", "--workers", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     arrays, paths = tg.load_shards(str(out), "train")
     assert len(paths) >= 5 and all(a.dtype == np.uint16 for a in arrays)
     run_train(*[a for a in TINY if a not in ("--input",) and not a.endswith("tinyshakespeare.txt")],
-              "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8", "--log-dir", str(tmp_path / "l"))
+              "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8",
+              "--log-dir", str(tmp_path / "l"))
     assert len(read_log(tmp_path / "l", "val")) == 2
 
 
