@@ -166,7 +166,7 @@ if sys.argv[2] == "keep":
     import train_gpt2
     assert train_gpt2.keep_freed_memory()
 faults = []
-for _ in range(10):
+for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.empty(25_000_000).fill_(1.0)  # 100 MB, the size of a small run's logits
     del x
@@ -182,10 +182,10 @@ def test_keep_freed_memory_stops_page_faults_of_big_tensors():
         return [int(n) for n in p.stdout.split()]
 
     default, kept = faults("default"), faults("keep")
-    print(f"page faults of ten 100 MB tensors in turn: {default} by default, {kept} with keep_freed_memory()")
+    print(f"page faults of twenty 100 MB tensors in turn: {default} by default, {kept} with keep_freed_memory()")
     assert min(default) > 20_000  # glibc maps each one afresh: a fault per 4 KB page (24,414 pages)
-    # the heap grows during the first few, then the freed memory is reused: no faults at all
-    assert sum(n < 1_000 for n in kept[4:]) >= 4, kept
+    # the heap grows during the first ones (up to 8 seen), then the freed memory is reused: no faults at all
+    assert all(n < 1_000 for n in kept[12:]), kept
 
 
 def test_gradient_accumulation_equals_one_big_batch():
