@@ -836,13 +836,12 @@ class RunFolder:
 
     def clear(self, overwrite: bool, say):
         """With --overwrite, delete the other run's files; always, the temporary files of a killed save."""
-        if overwrite and self.other_run():
-            for n in self.other_run():
-                os.remove(os.path.join(self.path, n))
+        theirs = self.other_run() if overwrite else []
+        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]  # a killed save's
+        for n in theirs + stale:
+            os.remove(os.path.join(self.path, n))
+        if theirs:
             say(f"--overwrite: deleted the previous run's files in {self.path}")
-        for n in os.listdir(self.path):
-            if n.startswith(".") and n.endswith(".tmp"):  # a save killed half way
-                os.remove(os.path.join(self.path, n))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1408,12 +1407,12 @@ class Trainer:
             except ImportError:
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         if cfg.export_hf:  # found out now, not after hours of training
+            if os.path.isfile(cfg.export_hf):
+                raise ConfigError(f"--export-hf {cfg.export_hf}: a file, not a folder")
             try:
                 import transformers  # noqa: F401
-
-                os.makedirs(cfg.export_hf, exist_ok=True)
-            except (ImportError, OSError) as e:
-                raise ConfigError(f"--export-hf {cfg.export_hf}: {getattr(e, 'strerror', None) or e}") from None
+            except ImportError:
+                raise ConfigError("--export-hf needs the transformers package: pip install transformers") from None
 
         # the run folder: one run, one writer (rank 0); --eval-only writes nothing there
         folder = RunFolder(cfg.log_dir)
