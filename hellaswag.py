@@ -30,9 +30,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fineweb import atomic_write
+from fineweb import OneLineParser, UserError, atomic_write, gpt2_tokenizer, number
 from fineweb import download as download_file
-from fineweb import gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------
 # Data
@@ -42,7 +41,7 @@ SPLITS = ("train", "val", "test")
 NUM_ENDINGS = 4
 
 
-class HellaSwagError(RuntimeError):
+class HellaSwagError(UserError):
     """Data that cannot be used (missing, unreadable, malformed): the message says which file and line."""
 
 
@@ -126,19 +125,6 @@ class Rendered:
     ctx: list[int]  # tokens of the context
     endings: list[list[int]]  # tokens of " " + ending, for each ending (the space joins it to the context)
     label: int  # index of the right ending
-
-    def rows(self):
-        """The straightforward layout: tokens (4, T), one row of context + ending per ending,
-        right-padded with 0, and mask (4, T), 1 over the ending's tokens (the ones scored)."""
-        T = len(self.ctx) + max(len(e) for e in self.endings)
-        tokens = torch.zeros(NUM_ENDINGS, T, dtype=torch.long)
-        mask = torch.zeros(NUM_ENDINGS, T, dtype=torch.long)
-        for i, end in enumerate(self.endings):
-            row = self.ctx + end
-            tokens[i, : len(row)] = torch.tensor(row)
-            mask[i, len(self.ctx) : len(row)] = 1
-        return tokens, mask
-
 
     def windows(self, block_size: int):
         """(context, ending) of each ending as the model reads it, within block_size tokens.
@@ -298,8 +284,8 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
     Rank r scores examples r, r + world_size, ...; with world_size > 1 the per-example losses are
     summed over ranks (torch.distributed must be initialised), so every rank returns the totals.
     Examples longer than the model's block_size are cropped (Rendered.windows); `cropped` counts them.
-    Returns n, cropped, correct, correct_norm, acc, acc_norm, the per-example sum_loss and mean_loss
-    (n, 4) tensors, and predictions: a list of {index, label, pred, pred_norm}.
+    Returns n, cropped, block_size, correct, correct_norm, acc, acc_norm, the per-example sum_loss and
+    mean_loss (n, 4) tensors, and predictions: a list of {index, label, pred, pred_norm}.
     """
     n = len(examples)
     mine = list(range(rank, n, world_size))
@@ -335,6 +321,7 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
     return {
         "n": n,
         "cropped": cropped,
+        "block_size": model.config.block_size,
         "correct": correct,
         "correct_norm": correct_norm,
         "acc": correct / max(n, 1),
@@ -348,101 +335,74 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
     }
 
 
+def summary(result: dict, split: str = "val") -> str:
+    """The one line of a result, for the CLI and for training."""
+    line = f"hellaswag {split}: n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f}"
+    if result["cropped"]:
+        line += (f" ({result['cropped']} examples longer than block_size {result['block_size']}: contexts "
+                 f"cropped from the left)")
+    return line
+
+
 # -----------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_args(argv=None):
-    from train_gpt2 import OneLineParser
-
-    parser = OneLineParser(prog="hellaswag.py", description="HellaSwag accuracy (completion style) of a GPT-2 model")
+    parser = OneLineParser(prog="hellaswag.py", description="HellaSwag accuracy (completion style) of a GPT-2 "
+                           "model")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("-m", "--model", default=None,
-                        help="Hugging Face model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or local HF directory "
-                        "(default gpt2)")
+    source.add_argument("-m", "--model", default="gpt2", help="Hugging Face model name (gpt2, gpt2-medium, "
+                        "gpt2-large, gpt2-xl) or local HF directory (default gpt2)")
     source.add_argument("--checkpoint", default=None, help="a train_gpt2.py checkpoint (.pt)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast precision (auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, fp32 "
-                        "on CPU and MPS)")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (at least 1)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples (0: all)")
+                        help="autocast precision (auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, "
+                        "fp32 on CPU and MPS)")
+    parser.add_argument("--batch-size", type=number(int, 1), default=16, help="examples per forward pass")
+    parser.add_argument("--limit", type=number(int, 0), default=None, help="score only the first N examples "
+                        "(0: all)")
     parser.add_argument("--data", default=None, help="a local HellaSwag JSON-lines file instead of the download")
     parser.add_argument("--split", default="val", choices=SPLITS, help="which split to download (default val)")
     parser.add_argument("--out", default=None,
                         help="write n, acc, acc_norm and per-example predictions to this JSON file")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.limit is not None and args.limit < 0:
-        parser.error(f"--limit {args.limit}: must be at least 0 (0: all examples)")
-    return args
-
-
-def load_model(args, device):
-    """The model to score, in eval mode on `device`; any failure is one HellaSwagError line."""
-    from train_gpt2 import GPT, CheckpointError, load_model_from_checkpoint
-
-    if args.checkpoint:
-        try:
-            return load_model_from_checkpoint(args.checkpoint, device)
-        except CheckpointError as e:
-            raise HellaSwagError(str(e)) from None
-    name = args.model or "gpt2"
-    try:
-        model = GPT.from_pretrained(name)
-    except Exception as e:  # bad name, incomplete directory, no network for the hub...
-        message = " ".join(str(e).split()) or type(e).__name__  # on one line
-        raise HellaSwagError(f"cannot load model {name!r}: {message}") from None
-    return model.to(device).eval()
-
-
-def run(args):
-    # The command line borrows the model, the checkpoint reader, the device setup and the precision
-    # decision from train_gpt2.py. Nothing above needs them, so train_gpt2.py imports this file, never
-    # the other way round.
-    import train_gpt2
-
-    d = train_gpt2.setup_distributed(args.device)
-    try:
-        examples = load_examples(args.data, split=args.split, limit=args.limit)
-        model = load_model(args, d.device)
-        dtype = train_gpt2.autocast_dtype(d.device, args.dtype)
-        autocast = train_gpt2.autocast_context(d.device_type, dtype)
-        if d.is_main:
-            source = args.checkpoint or args.model or "gpt2"
-            print(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
-                  f"device {d.device} ({train_gpt2.dtype_name(dtype)}), {d.world_size} process(es)")
-        t0 = time.time()
-        result = evaluate(model, examples, device=d.device, batch_size=args.batch_size, autocast=autocast,
-                          rank=d.rank, world_size=d.world_size, progress=d.is_main)
-        elapsed = time.time() - t0
-        if d.is_main:
-            if result["cropped"]:
-                print(f"{result['cropped']} of {result['n']} examples are longer than the model's block_size "
-                      f"{model.config.block_size}: their contexts were cropped from the left")
-            rate = result["n"] / max(elapsed, 1e-9)
-            print(f"scored {result['n']} examples in {elapsed:.1f} s ({rate:.1f} examples/s)")
-            if args.out:
-                record = {k: result[k] for k in ("n", "cropped", "correct", "correct_norm", "acc", "acc_norm",
-                                                 "predictions")}
-                record = {"split": args.split, "data": args.data, "model": args.checkpoint or args.model or "gpt2",
-                          **record}
-                atomic_write(args.out, lambda f: f.write(json.dumps(record).encode()))
-            print(f"hellaswag {args.split}: n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f}")
-    finally:
-        train_gpt2.cleanup_distributed()
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from train_gpt2 import ConfigError
+    # The command line borrows the model loader, the device setup and the precision decision from
+    # train_gpt2.py, which imports this file as `hellaswag`: run as a script, this file is `__main__`,
+    # so it is registered under its name first (one module, one HellaSwagError, not two)
+    sys.modules.setdefault("hellaswag", sys.modules[__name__])
+    import train_gpt2 as tg
 
+    d = None
     try:
-        run(args)
-    except (HellaSwagError, ConfigError, OSError, ValueError) as e:
+        d = tg.setup_distributed(args.device)
+        examples = load_examples(args.data, split=args.split, limit=args.limit)
+        source = args.checkpoint or args.model
+        model = tg.load_model(source, d.device)
+        dtype = tg.autocast_dtype(d.device, args.dtype)
+        tg.print0(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, device "
+                  f"{d.device} ({tg.dtype_name(dtype)}), {d.world_size} process(es)")
+        t0 = time.time()
+        result = evaluate(model, examples, device=d.device, batch_size=args.batch_size, rank=d.rank,
+                          world_size=d.world_size, autocast=tg.autocast_context(d.device_type, dtype),
+                          progress=d.is_main)
+        elapsed = time.time() - t0
+        tg.print0(f"scored {result['n']} examples in {elapsed:.1f} s ({result['n'] / max(elapsed, 1e-9):.1f} "
+                  f"examples/s)")
+        if args.out and d.is_main:
+            keys = ("n", "cropped", "correct", "correct_norm", "acc", "acc_norm", "predictions")
+            record = {"split": args.split, "data": args.data, "model": source, **{k: result[k] for k in keys}}
+            atomic_write(args.out, lambda f: f.write(json.dumps(record).encode()))
+        tg.print0(summary(result, args.split))
+    except (UserError, OSError, ValueError) as e:
         print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        tg.cleanup_distributed()
 
 
 if __name__ == "__main__":

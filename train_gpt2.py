@@ -1,22 +1,25 @@
 """
 train_gpt2.py: GPT-2 (124M) from scratch, in one file you can read top to bottom.
 
-Sections, in the order of the lecture: the model (and OpenAI's weights), the data loader, the
-learning-rate schedule, evaluation, checkpoints, setup (processes, devices, precision), the command
-line, and the training loop (gradient accumulation, DDP) at the end.
+Part 1 is the lecture, in its order: the model (and OpenAI's weights), the data loader, the
+learning-rate schedule, evaluation, processes and precision, then train(): gradient accumulation,
+DDP and the loop. Part 2 is what running it for real takes: the command line and the presets,
+pre-flight checks, the run folder and checkpoints, the log, signals, numerics and speed, main().
 
     python train_gpt2.py --preset shakespeare              # CPU or Mac: Tiny Shakespeare, minutes
     python train_gpt2.py --input my.txt                    # your own text, the same small settings
-    python train_gpt2.py                                   # one GPU: GPT-2 124M on FineWeb-Edu (python fineweb.py)
-    torchrun --standalone --nproc_per_node=8 train_gpt2.py                  # eight GPUs: the 10B-token run
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_gpt2.py
-    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py --resume auto  # survive crashes
-    python train_gpt2.py --init-from gpt2 --max-lr 1e-4 ...                 # fine-tune OpenAI's weights
-    python train_gpt2.py --eval-only --resume auto --export-hf my-gpt2      # evaluate, sample and export
+    python train_gpt2.py                                   # one GPU: GPT-2 124M on FineWeb-Edu
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py                # eight GPUs: 10B tokens
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --preset gpt2-350m   # the miniseries
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        train_gpt2.py                                                 # two nodes of eight GPUs
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py --resume auto  # crashes
+    python train_gpt2.py --init-from gpt2 --max-lr 1e-4 ...         # fine-tune OpenAI's weights
+    python train_gpt2.py --eval-only --resume auto --export-hf my-gpt2  # evaluate, sample, export
 
-Every flag and its default: python train_gpt2.py --help; the README is the manual. A run writes into
---log-dir: log.txt (one `STEP KIND VALUE` record per line), checkpoints, and TensorBoard curves with
---tensorboard.
+Every flag and its default: python train_gpt2.py --help; the README is the manual. A run writes
+into --log-dir: log.txt (one `STEP KIND VALUE` record per line), checkpoints, and TensorBoard
+curves with --tensorboard.
 """
 import argparse
 import inspect
@@ -28,10 +31,9 @@ import shlex
 import shutil
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -41,9 +43,14 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from fineweb import EOT, SHARD_RE, atomic_write, download, gpt2_bpe_files, gpt2_tokenizer
+from fineweb import (EOT, SHARD_RE, OneLineParser, UserError, add_flags, atomic_write, download,
+                     flag, given_flags, gpt2_bpe_files, gpt2_tokenizer, number, tokenize_batch)
 
-# -----------------------------------------------------------------------------------------------
+# ================================================================================================
+# PART 1: THE LECTURE
+# ================================================================================================
+
+# ------------------------------------------------------------------------------------------------
 # The model
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + 1 special token (<|endoftext|>)
@@ -57,11 +64,11 @@ class GPTConfig:
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # width of the residual stream (channels)
     # dropout probability in training (embeddings, attention weights, each residual branch); GPT-2
-    # used 0.1, but a single epoch of pretraining data needs none. It fights overfitting on small data.
+    # used 0.1, but one epoch of pretraining data needs none. It fights overfitting on small data.
     dropout: float = 0.0
-    # The embedding / lm_head table gets this many rows rounded up to a multiple of `vocab_multiple`:
-    # 50257 -> 50304 = 393 * 128, a shape the matmul kernels like. The extra rows are never a target,
-    # never sampled and never scored (see GPT.vocab_bias).
+    # The embedding / lm_head table has vocab_size rows rounded up to a multiple of this: 50257 ->
+    # 50304 = 393 * 128, a shape the matmul kernels like. The extra rows are never a target, never
+    # sampled and never scored (see GPT.vocab_bias).
     vocab_multiple: int = 128
 
     @property
@@ -111,11 +118,12 @@ class CausalSelfAttention(nn.Module):
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything cached
         else:  # several new tokens after a cached prefix: query i sits at position past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C): heads side by side
+        # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): the heads' outputs side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -135,8 +143,9 @@ class Block(nn.Module):
         return x
 
 
-# Hugging Face GPT-2 stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
-HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Hugging Face's GPT-2 stores these as Conv1D, whose weight is (in, out): nn.Linear's transposed.
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                     "mlp.c_proj.weight")
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -169,7 +178,9 @@ class GPT(nn.Module):
         # stream get std / sqrt(2 * n_layer), so the stream's variance does not grow with depth
         # (each block adds to it twice).
         if isinstance(module, nn.Linear):
-            std = 0.02 / (math.sqrt(2 * self.config.n_layer) if getattr(module, "RESIDUAL_PROJECTION", False) else 1)
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJECTION", False):
+                std /= math.sqrt(2 * self.config.n_layer)
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -234,17 +245,20 @@ class GPT(nn.Module):
         N = self.num_params(include_position_embeddings=False)
         return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def configure_optimizer(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), eps=1e-8):
+    def configure_optimizer(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95),
+                            eps=1e-8):
         """AdamW; weight decay on matrices and embeddings (2-D), none on biases and LayerNorm."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # the fused kernel updates each tensor in one pass (on a CPU, 13% faster shakespeare steps than
-        # the per-operation loop); CUDA and CPU have one
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ("cuda", "cpu"))
+        # the fused kernel updates each tensor in one pass (on a CPU, 13% faster shakespeare steps
+        # than the per-operation loop); CUDA and CPU have one
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+                 use_cache=True):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
         temperature == 0 is greedy; top_k keeps the k most likely tokens; `generator` (a
@@ -269,16 +283,17 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat([idx, next_id], dim=1)
         return idx
 
-    # --- OpenAI's weights, through Hugging Face's format, in and out ---------------------------------
+    # --- OpenAI's weights, through Hugging Face's format, in and out ------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
-        """OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, from the Hugging Face hub) or a
-        local directory in Hugging Face GPT-2 format (config.json + model.safetensors or
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, from the Hugging Face hub) or a
+        local folder in Hugging Face GPT-2 format (config.json + model.safetensors or
         pytorch_model.bin). dropout: for fine-tuning (the weights do not depend on it)."""
         import json
 
@@ -290,36 +305,40 @@ class GPT(nn.Module):
             folder = snapshot_download(f"openai-community/{name_or_dir}",
                                        allow_patterns=["config.json", "*.safetensors"])
         else:
-            raise ValueError(f"{name_or_dir!r} is neither a local directory nor one of {', '.join(HF_MODEL_NAMES)}")
+            names = ", ".join(HF_MODEL_NAMES)
+            raise ValueError(f"{name_or_dir!r} is neither a local directory nor one of {names}")
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: a Hugging Face GPT-2 directory needs config.json")
+            raise FileNotFoundError(f"{config_path} not found: a Hugging Face GPT-2 folder needs it")
         with open(config_path) as f:
             hf = json.load(f)
-        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                              n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout))
+        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                              n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                              dropout=dropout))
         model.load_hf_state_dict(_read_hf_weights(folder))
         return model
 
     def load_hf_state_dict(self, hf_sd: dict):
-        """Copy a Hugging Face GPT-2 state dict (keys with or without 'transformer.') into this model."""
+        """Copy a Hugging Face GPT-2 state dict (keys with or without 'transformer.') into ours."""
         hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
-        # causal-mask buffers of old transformers versions and the tied lm_head are not weights to copy
+        # causal-mask buffers of old transformers versions, and the tied lm_head: not weights
         hf_sd = {k: v for k, v in hf_sd.items()
                  if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-        ours = {k.removeprefix("transformer."): v for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        ours = {k.removeprefix("transformer."): v for k, v in self.state_dict().items()
+                if k != "lm_head.weight"}
         missing, unexpected = sorted(set(ours) - set(hf_sd)), sorted(set(hf_sd) - set(ours))
         if missing or unexpected:
-            raise ValueError(f"GPT-2 checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"GPT-2 checkpoint keys differ: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
         V = self.config.vocab_size
         with torch.no_grad():
             for k, dst in ours.items():
                 src = hf_sd[k].t() if k.endswith(HF_CONV1D_WEIGHTS) else hf_sd[k]
                 want = (V, dst.shape[1]) if k == "wte.weight" else dst.shape  # padded rows are ours alone
                 if tuple(src.shape) != tuple(want):
-                    raise ValueError(f"shape mismatch for tensor {k!r}: checkpoint has {tuple(src.shape)}, model "
-                                     f"expects {tuple(want)} (check n_layer/n_head/n_embd/n_positions/vocab_size in "
-                                     f"config.json)")
+                    raise ValueError(f"shape mismatch for tensor {k!r}: checkpoint has "
+                                     f"{tuple(src.shape)}, model expects {tuple(want)} (check n_layer, "
+                                     f"n_head, n_embd, n_positions, vocab_size in config.json)")
                 if k == "wte.weight":
                     dst.zero_()
                     dst[:V].copy_(src)
@@ -327,32 +346,35 @@ class GPT(nn.Module):
                     dst.copy_(src)
 
     def hf_state_dict(self) -> dict:
-        """This model's weights in Hugging Face GPT2LMHeadModel layout (padded vocabulary rows dropped)."""
+        """Our weights in GPT2LMHeadModel's layout (the padded vocabulary rows dropped)."""
         out = {}
         for k, v in self.state_dict().items():
             if k == "lm_head.weight":
                 continue
             v = v.detach().t() if k.endswith(HF_CONV1D_WEIGHTS) else v.detach()
-            out[k] = (v[: self.config.vocab_size] if k == "transformer.wte.weight" else v).contiguous().clone()
+            if k == "transformer.wte.weight":
+                v = v[: self.config.vocab_size]
+            out[k] = v.contiguous().clone()
         out["lm_head.weight"] = out["transformer.wte.weight"]
         return out
 
     def export_hf(self, out_dir: str):
-        """Write a directory that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads with the
-        same logits as this model, with the GPT-2 tokenizer beside it."""
+        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads with
+        the same logits as this model, with the GPT-2 tokenizer beside it."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
         hf = GPT2LMHeadModel(GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-            activation_function="gelu_new", resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout, attn_pdrop=c.dropout,
             bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True))
         result = hf.load_state_dict(self.hf_state_dict(), strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
         assert all(k.endswith(".attn.bias") for k in result.missing_keys), result.missing_keys
         hf.save_pretrained(out_dir)
-        # OpenAI's encoder.json is Hugging Face's vocab.json, vocab.bpe its merges.txt: with them, other
-        # tools (lm-evaluation-harness) need nothing else
+        # OpenAI's encoder.json is Hugging Face's vocab.json, vocab.bpe its merges.txt: with them,
+        # other tools (lm-evaluation-harness) need nothing else
         vocab_bpe, encoder_json = gpt2_bpe_files()
         shutil.copyfile(encoder_json, os.path.join(out_dir, "vocab.json"))
         shutil.copyfile(vocab_bpe, os.path.join(out_dir, "merges.txt"))
@@ -360,8 +382,9 @@ class GPT(nn.Module):
 
 
 def _read_hf_weights(folder: str) -> dict:
-    """State dict from a Hugging Face model folder (safetensors preferred, else pytorch_model.bin)."""
-    st, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    """State dict of a Hugging Face model folder (safetensors first, else pytorch_model.bin)."""
+    st = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(st):
         from safetensors.torch import load_file
 
@@ -370,36 +393,6 @@ def _read_hf_weights(folder: str) -> dict:
         return torch.load(bin_path, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
 
-
-class CrossEntropy(torch.autograd.Function):
-    """Memory: F.cross_entropy's value and gradient for logits (N, V) and targets (N,) (-1 ignored),
-    with a backward that allocates nothing.
-
-    With V = 50k classes the logits are the largest tensors of a step. F.cross_entropy's backward
-    allocates and writes two new (N, V) tensors (a zeroed gradient for the NLL, then the
-    log-softmax's); here the gradient, (softmax - onehot(target)) / N, is written in place over the
-    saved fp32 log-probabilities, which are ours alone and not needed again. That is one (N, V) fp32
-    tensor less at the peak: 978 vs 1,161 MB resident for the shakespeare preset's step, 13 GB at
-    GPT-2 124M's B=64, T=1024; the step time is the same (1.00x, 2-core CPU). Eager mode only (CPU,
-    MPS, --no-compile): under torch.compile, GPT.forward uses F.cross_entropy, which the compiler fuses."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # fp32 even under autocast, no copy first
-        ctx.save_for_backward(logp, targets)
-        ctx.logits_dtype = logits.dtype
-        return F.nll_loss(logp, targets, ignore_index=-1)  # F.cross_entropy's value, to the last bit
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        logp, targets = ctx.saved_tensors  # a second backward raises: logp is overwritten below
-        valid = targets != -1
-        grad = logp.exp_()  # softmax, in place
-        grad[torch.arange(len(targets), device=grad.device), targets.clamp(min=0)] -= 1
-        scale = grad_loss / valid.sum().clamp(min=1)  # the loss is a mean over the valid targets
-        grad.mul_(scale * valid.unsqueeze(1))  # ignored rows get 0
-        return grad.to(ctx.logits_dtype), None
 
 
 class KVCache:
@@ -418,27 +411,28 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append this step's keys/values (B, nh, T, hs) and return all of them so far."""
         if self.layers[layer] is not None:
-            k, v = torch.cat([self.layers[layer][0], k], dim=2), torch.cat([self.layers[layer][1], v], dim=2)
+            past_k, past_v = self.layers[layer]
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         self.layers[layer] = (k, v)
         return k, v
 
 
-# -----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The data loader
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used; the message names the file and the fix."""
 
 
 def find_shards(data_dir: str, split: str) -> list[str]:
-    """Shard files `<prefix>_<split>_<NNNNNN>.npy` of a split (fineweb.py writes them), in index order."""
-    fix = "run `python fineweb.py` to build them, or train on a text file with `--preset shakespeare` / `--input FILE`"
+    """Shard files `<prefix>_<split>_<NNNNNN>.npy` of a split (fineweb.py writes them), in order."""
+    fix = ("run `python fineweb.py` to build them, or train on a text file with `--preset "
+           "shakespeare` / `--input FILE`")
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: no such data directory: {fix}")
-    matches = [m for m in map(SHARD_RE.fullmatch, os.listdir(data_dir)) if m and m["split"] == split]
+    matches = [m for m in map(SHARD_RE.fullmatch, os.listdir(data_dir))
+               if m and m["split"] == split]
     found = sorted((int(m["index"]), m[0]) for m in matches)
     if not found:
         raise DataError(f"{data_dir}: no {split} shards (*_{split}_NNNNNN.npy): {fix}")
@@ -454,53 +448,25 @@ def open_shard(path: str) -> np.ndarray:
     except Exception as e:  # truncated file, bad header, not a .npy at all
         raise DataError(f"{path}: unreadable shard ({e}); {fix}") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise DataError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, expected 1-D uint16; {fix}")
-    sample = np.concatenate([tokens[: 1 << 16], tokens[:: max(1, len(tokens) // (1 << 16))]])  # the start, and a stride
+        raise DataError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, expected 1-D "
+                        f"uint16; {fix}")
+    sample = np.concatenate([tokens[: 1 << 16], tokens[:: max(1, len(tokens) // (1 << 16))]])
     if len(sample) and int(sample.max()) >= GPT2_VOCAB_SIZE:
         raise DataError(f"{path}: token id {int(sample.max())} >= {GPT2_VOCAB_SIZE}: not GPT-2 tokens; {fix}")
     return tokens
 
 
-def load_shards(data_dir, split):
+def load_shards(data_dir: str, split: str) -> tuple[list[np.ndarray], list[str]]:
     paths = find_shards(data_dir, split)
     return [open_shard(p) for p in paths], paths
 
 
-def load_text(path: str, val_fraction: float = 0.1):
-    """A UTF-8 text file as one document: tokenized once; the last 10% of tokens is validation.
-    input.txt (Tiny Shakespeare) is downloaded when it is missing."""
-    if os.path.isdir(path):
-        raise DataError(f"{path}: a folder: pass --input with a text file (or build shards with `python fineweb.py`)")
-    if not os.path.isfile(path):
-        if os.path.basename(path) != "input.txt":
-            raise DataError(f"{path}: no such file: pass --input with a plain text file")
-        try:
-            download(TINY_SHAKESPEARE_URL, path)
-        except OSError as e:
-            raise DataError(f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); download "
-                            f"{TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with another text file"
-                            ) from None
-    with open(path, "rb") as f:
-        raw = f.read()
-    if b"\0" in raw:
-        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; "
-                        f"pass --input with a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert it to UTF-8 "
-                        f"(for example `iconv -f latin1 -t utf-8`) or pass another --input") from None
-    ids = np.array([EOT] + gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)  # <|endoftext|> opens a document
+def load_text(path: str, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """A UTF-8 text file as one document, <|endoftext|> and its tokens, cut in two: the last 10% of
+    the tokens is the validation split. read_text (Part 2) checks the file."""
+    ids = tokenize_batch([read_text(path)])  # the tokens of fineweb.py's shards, for the same text
     n_train = int(len(ids) * (1 - val_fraction))
     return ids[:n_train], ids[n_train:]
-
-
-def count_sequences(arrays, T: int) -> int:
-    return sum((len(a) - 1) // T for a in arrays)
-
-
-def describe(names) -> str:
-    return ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
 
 
 class DataLoader:
@@ -515,14 +481,11 @@ class DataLoader:
     them starting at (m * world_size + r) * B. So the data of a step depends on the seed, T and N
     only, never on B or the number of ranks, and `state_dict()` is one integer."""
 
-    def __init__(self, arrays, names, B, T, seqs_per_step, rank=0, world_size=1, seed=0, shuffle=True):
-        if seqs_per_step % (B * world_size):
-            raise ValueError(f"{seqs_per_step} sequences per step do not split into micro-batches of {B} x "
-                             f"{world_size} ranks")
+    def __init__(self, arrays, names, B, T, grad_accum_steps=1, rank=0, world_size=1, seed=0, shuffle=True):
         self.arrays, self.names = list(arrays), list(names)
-        self.B, self.T, self.seqs_per_step = B, T, seqs_per_step
+        self.B, self.T, self.grad_accum_steps = B, T, grad_accum_steps
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.grad_accum_steps = seqs_per_step // (B * world_size)
+        self.seqs_per_step = B * world_size * grad_accum_steps
         self.counts = np.array([(len(a) - 1) // T for a in self.arrays], dtype=np.int64)
         self.seqs_per_epoch = int(self.counts.sum())
         self.position = 0  # sequences consumed by all ranks before the current optimizer step
@@ -567,15 +530,17 @@ class DataLoader:
         return tokens
 
     def batch(self, seq_numbers, device=None):
-        """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`."""
-        buf = torch.from_numpy(self.tokens(seq_numbers).astype(np.int64))  # only this batch becomes int64
+        """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`. x and y
+        are contiguous, so a compiled model sees one memory layout in training and validation."""
+        tokens = self.tokens(seq_numbers)
+        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]]).astype(np.int64))  # (2, len, T)
         if device is not None and device.type == "cuda":
-            # Speed: one copy of the contiguous (B, T + 1) block, from pinned (page-locked) memory, is queued
-            # without making the CPU wait, so it goes on launching the step's kernels; x and y are views of it
-            buf = buf.pin_memory().to(device, non_blocking=True)
+            # Speed: one copy of the (2, B, T) block, from pinned (page-locked) memory, is queued without
+            # making the CPU wait, so it goes on launching the step's kernels
+            xy = xy.pin_memory().to(device, non_blocking=True)
         elif device is not None:
-            buf = buf.to(device)
-        return buf[:, :-1], buf[:, 1:]
+            xy = xy.to(device)
+        return xy[0], xy[1]
 
     def next_batch(self, device=None):
         """This rank's next micro-batch (x, y), each (B, T), on `device`."""
@@ -589,13 +554,14 @@ class DataLoader:
 
     def state_dict(self):
         assert self.micro_step == 0, "save the loader between optimizer steps"
-        return {"position": self.position, "seqs_per_step": self.seqs_per_step, "seq_len": self.T, "seed": self.seed}
+        return {"position": self.position, "seqs_per_step": self.seqs_per_step, "seq_len": self.T,
+                "seed": self.seed}
 
     def load_state_dict(self, state):
         self.position, self.micro_step = int(state["position"]), 0
 
 
-# -----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # The learning-rate schedule
 
 
@@ -610,19 +576,19 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_r
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-# -----------------------------------------------------------------------------------------------
-# Evaluation (HellaSwag lives in hellaswag.py)
+# ------------------------------------------------------------------------------------------------
+# Evaluation: validation loss and samples here, HellaSwag in hellaswag.py
 
 
 @torch.no_grad()
-def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast, rank=0, world_size=1) -> float:
+def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) -> float:
     """Mean loss over the first num_seqs validation sequences (a fixed set, whatever the world size).
 
     Rank r takes sequences r, r + world, ...; batches keep the training shape (B, T), the last one
     padded with targets of -1 (ignored), so a compiled model sees no new shape. Summed losses and
     token counts are all-reduced, so the mean is over exactly the same tokens on 1 or 8 GPUs. Each
-    batch's sum is fp32 on the device (MPS has no float64); they are added up in float64 on the host."""
-    mine = list(range(rank, num_seqs, world_size))
+    batch's sum is fp32 on the device (MPS has no float64); they add up in float64 on the host."""
+    mine = list(range(loader.rank, num_seqs, loader.world_size))
     B, T = loader.B, loader.T
     sums = []  # per batch: (summed loss, scored tokens), fp32 on the device
     for i in range(0, len(mine), B):
@@ -636,7 +602,7 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast, 
         n = (y != -1).sum().float()
         sums.append(torch.stack([loss.float() * n, n]))
     total = torch.stack(sums).cpu().double().sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
-    if world_size > 1:
+    if loader.world_size > 1:
         total = total.to(device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return (total[0] / total[1]).item()
@@ -652,204 +618,16 @@ def sample_text(model, prompt, num_samples, max_new_tokens, device, autocast, se
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
     with autocast:
         out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=top_k, generator=generator)
+    model.train(was_training)
     return [enc.decode(row) for row in out.tolist()]
 
 
-# -----------------------------------------------------------------------------------------------
-# Checkpoints and the run folder
-
-CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
-CHECKPOINT_VERSION = 1
-CHECKPOINT_NAME = re.compile(r"ckpt_(\d{6,})\.pt")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used (truncated, foreign, or for another model)."""
-
-
-def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this script, or raise CheckpointError naming the file. Always onto
-    the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
-    torch.cuda.set_rng_state take nothing else); load_state_dict copies the rest to the device."""
-    if not os.path.isfile(path):
-        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
-        raise CheckpointError(f"{path}: {what}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, random bytes, a pickle of something else...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be truncated by a "
-                              f"crash during saving: use an earlier checkpoint") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')}, this script reads "
-                              f"{CHECKPOINT_VERSION}")
-    return ckpt
-
-
-def load_model_from_checkpoint(path: str, device="cpu") -> GPT:
-    """The trained model of a checkpoint (for evaluation, sampling, the notebook), in eval mode."""
-    ckpt = read_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
-
-
-def rng_state(device_type: str) -> dict:
-    """The random states a run draws from: Python's, NumPy's, torch's CPU one and its device's (dropout)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device_type in ("cuda", "mps"):
-        state[device_type] = getattr(torch, device_type).get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, device_type: str):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device_type in state:
-        getattr(torch, device_type).set_rng_state(state[device_type])
-
-
-def checkpoint_path(log_dir: str, step: int) -> str:
-    return os.path.join(log_dir, f"ckpt_{step:06d}.pt")
-
-
-def checkpoint_steps(log_dir: str) -> list[int]:
-    """Steps of the checkpoints in a folder, oldest first."""
-    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
-    return sorted(int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
-
-
-def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
-    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints. A
-    failed write (a full disk) is a CheckpointError; the previous checkpoint and `latest` are untouched."""
-    path = checkpoint_path(log_dir, state["step"])
-    try:
-        atomic_write(path, lambda f: torch.save(state, f))
-        # "latest" is updated only once the checkpoint it names is complete on disk
-        atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        previous = [s for s in checkpoint_steps(log_dir) if s != state["step"]]
-        kept = f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        free = shutil.disk_usage(log_dir).free / 1e9
-        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in {log_dir}); {kept}: "
-                              f"free some space, then continue with --resume auto") from None
-    if keep > 0:  # the newest `keep` up to this one stay; later ones (from before a resume) are not ours to delete
-        older = [s for s in checkpoint_steps(log_dir) if s < state["step"]]
-        for step in older[: max(0, len(older) - (keep - 1))]:
-            os.remove(checkpoint_path(log_dir, step))
-    return path
-
-
-def latest_checkpoint(log_dir: str, say=lambda *a: None) -> str | None:
-    """The checkpoint LOG_DIR/latest names (it is updated only after a complete save), else the one of
-    the highest step; None when the folder has none."""
-    pointer = os.path.join(log_dir, "latest")
-    if os.path.isdir(pointer):
-        raise CheckpointError(f"{pointer}: a folder where a file naming the latest checkpoint belongs: remove it")
-    if os.path.isfile(pointer):
-        with open(pointer, "rb") as f:
-            name = f.read(200).decode("utf-8", "replace").strip()
-        if CHECKPOINT_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
-            return os.path.join(log_dir, name)
-        say(f"warning: {pointer} names {name!r}, which is not a checkpoint in {log_dir}; using the newest one")
-    steps = checkpoint_steps(log_dir)
-    return checkpoint_path(log_dir, steps[-1]) if steps else None
-
-
-def find_resume_checkpoint(log_dir: str, say) -> tuple[str | None, dict | None]:
-    """--resume auto: (path, contents) of the latest checkpoint, or of the newest readable one if that
-    one is damaged; (None, None) when the folder has none."""
-    path = latest_checkpoint(log_dir, say)
-    candidates = [path] + [checkpoint_path(log_dir, s) for s in reversed(checkpoint_steps(log_dir))] if path else []
-    for path in dict.fromkeys(candidates):  # in order, without repeats
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointError as e:
-            say(f"warning: {e}; trying an older one")
-    return None, None
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-class RunFolder:
-    """The --log-dir of one run: a writable folder, locked by rank 0 while the run lives.
-
-    The lock is an flock on LOG_DIR/.lock, which the kernel drops when the process dies in any way
-    (kill -9 included), so it never outlives its run; the file holds the owner's pid for the error
-    message. Another run's files (log.txt, latest, checkpoints, TensorBoard events) in the folder
-    stop a new run unless it resumes (--resume) or clears them (--overwrite)."""
-
-    def __init__(self, path: str):
-        self.path, self.lock_fd = path, None
-
-    def prepare(self, resuming: bool, overwrite: bool):
-        """Before anything is built: a folder, locked, holding no other run (unless resuming or
-        overwriting it: its files are deleted only by clear(), once everything else has been checked)."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f"--log-dir {self.path}: a file, not a folder; pass another --log-dir")
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir"
-                              ) from None
-        self.lock()
-        if self.other_run() and not resuming and not overwrite:
-            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): continue "
-                              f"it with --resume auto, pass another --log-dir, or pass --overwrite to delete that "
-                              f"run first")
-
-    def lock(self):
-        """Become the folder's one writer, or raise ConfigError naming the process that is."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; the folder is not locked there
-            return
-        try:
-            fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another --log-dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for it to end, "
-                              f"or pass another --log-dir") from None
-        except OSError as e:  # a file system without locks (some network mounts)
-            print(f"warning: --log-dir {self.path}: cannot be locked ({e.strerror}); one run at a time, please")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.lock_fd = fd  # held open (and locked) until the process exits
-
-    def other_run(self) -> list[str]:
-        """Files of a run in the folder: log.txt, latest, checkpoints, TensorBoard events."""
-        return [n for n in sorted(os.listdir(self.path)) if n in ("log.txt", "latest") or CHECKPOINT_NAME.fullmatch(n)
-                or n.startswith("events.out.tfevents.")]
-
-    def clear(self, overwrite: bool, say):
-        """With --overwrite, delete the other run's files; always, the temporary files of a killed save."""
-        theirs = self.other_run() if overwrite else []
-        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]  # a killed save's
-        for n in theirs + stale:
-            os.remove(os.path.join(self.path, n))
-        if theirs:
-            say(f"--overwrite: deleted the previous run's files in {self.path}")
-
-
-# -----------------------------------------------------------------------------------------------
-# Setup: processes and devices, precision, the log, signals
-
-
-class ConfigError(ValueError):
-    """A command-line setting that cannot work; the message names the flag and the fix."""
+# ------------------------------------------------------------------------------------------------
+# Processes, devices and precision
 
 
 @dataclass
@@ -935,6 +713,986 @@ def autocast_context(device_type: str, dtype: torch.dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
 
 
+def synchronize(device: torch.device):
+    """Wait for the device's queued work: GPU work is asynchronous, so a clock read without this times
+    only the launching of kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: gradient accumulation, DDP and the loop
+
+
+def forward_backward(model, loader, grad_accum_steps: int, device, autocast, scaler=None, ddp=None):
+    """The gradients of one optimizer step: grad_accum_steps micro-batches of B sequences on this
+    rank, added up in the parameters' .grad. Returns this rank's mean loss as a device tensor (no
+    host sync). `ddp`: the DDP wrapper of a multi-process run. bench/train.py times this too."""
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch(device)
+        # DDP all-reduces (averages) the gradients over the ranks during backward. Only the last
+        # micro-step needs that: before it, no_sync() lets the gradients pile up locally. It has to
+        # be entered before the forward pass, which is where DDP decides.
+        last = micro_step == grad_accum_steps - 1
+        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+            with autocast:
+                _, loss = model(x, y, return_logits=False)
+            # backward adds gradients up; each micro-batch loss is a mean over its B*T tokens, so
+            # dividing by the number of micro-steps makes the sum the gradient of the whole batch's mean
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss_accum
+
+
+def due(every: int, step: int, last_step: bool) -> bool:
+    """Periodic work (every N steps, 0 = never) runs on multiples of N and on the last step."""
+    return bool(every) and (step % every == 0 or last_step)
+
+
+def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
+    """One training run, as a script body in the lecture's order. preflight() has already checked
+    every flag, the run folder, the checkpoint and the data files."""
+    T = cfg.seq_len
+
+    # --- the model ---------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if cfg.init_from == "scratch":
+        raw_model = GPT(GPTConfig(block_size=cfg.block_size or T, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                  n_embd=cfg.n_embd, dropout=cfg.dropout))
+    else:  # fine-tuning: OpenAI's GPT-2 (from the hub) or a Hugging Face GPT-2 folder
+        raw_model = load_model(cfg.init_from, dropout=cfg.dropout)
+    check_model(cfg, raw_model, prep)  # it fits --seq-len, and the checkpoint we resume
+    # raw_model stays the plain module: we save, sample and run HellaSwag with it. `model`, made at
+    # "compile and DDP" below, is the same weights, compiled and wrapped for training
+    raw_model.to(d.device)
+    # TF32: the fp32 matmuls left outside autocast run on tensor cores, with a 10-bit mantissa
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = d.device_type == "cuda"
+    autocast = autocast_context(d.device_type, prep.dtype)  # the one autocast of every forward pass
+    print0(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_token(T) / 1e6:.1f} MFLOP "
+           f"per token (6N + 12LCT)")
+
+    # --- the micro-batch ---------------------------------------------------------------------------
+    # An optimizer step sees total_batch_size tokens = B x T x processes x grad_accum_steps: B is how
+    # many sequences fit in memory at once, and adding up the gradients of micro-steps does the rest
+    if cfg.batch_size == "auto":
+        B = auto_micro_batch(cfg, raw_model, d, autocast)
+    else:
+        B = cfg.batch_size
+    grad_accum_steps = micro_steps(cfg, B, d.world_size)
+    print0(f"batch: {cfg.total_batch_size:,} tokens per step = {B} x {T} x {d.world_size} processes x "
+           f"{grad_accum_steps} micro-steps")
+
+    # --- the loaders -------------------------------------------------------------------------------
+    # which sequences a step sees depends on the seed only, never on B or the number of processes
+    shape = dict(B=B, T=T, grad_accum_steps=grad_accum_steps, rank=d.rank, world_size=d.world_size)
+    train_loader = DataLoader(*prep.train, **shape, seed=cfg.seed, shuffle=True)
+    val_loader = DataLoader(*prep.val, **shape, shuffle=False)  # the same sequences every time
+    epoch_steps = train_loader.seqs_per_epoch / train_loader.seqs_per_step
+    print0(f"data: {train_loader.seqs_per_epoch:,} training sequences per epoch ({epoch_steps:.1f} steps)")
+
+    # --- the optimizer -----------------------------------------------------------------------------
+    optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
+    # updater.apply_update(...) calls optimizer.step(), with fp16's loss scaling when autocast is fp16,
+    # and skips the update of a non-finite loss
+    updater = Updater(optimizer, grad_scaler(d.device_type, prep.dtype), raw_model, cfg)
+
+    # --- resume ------------------------------------------------------------------------------------
+    # weights, optimizer moments, loss scale, data position and random states: the run goes on
+    # as if it had never stopped
+    start_step, val_loss = 0, None
+    if prep.ckpt is not None:
+        start_step, val_loss = resume(prep, raw_model, updater, train_loader, cfg, d)
+
+    # --- compile and DDP ---------------------------------------------------------------------------
+    # DDP first, then the compiler, as PyTorch documents it: the compiler then splits the backward
+    # pass at DDP's gradient buckets, so that each bucket's all-reduce overlaps the rest of backward
+    ddp = None
+    if d.ddp:
+        # no buffer broadcast before each pass: the one buffer (the vocabulary bias) never changes
+        ddp = DDP(raw_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
+                  gradient_as_bucket_view=True, **{DDP_BUFFER_SYNC: False})
+    model = ddp or raw_model
+    use_compile, why = compile_choice(cfg, d)
+    if use_compile:
+        model = torch.compile(model)  # the first step compiles (a minute for 124M on a GPU)
+    print0(f"device: {d.device} x {d.world_size} process(es), autocast: {dtype_name(prep.dtype)}"
+           f"{' with loss scaling' if updater.scaler else ''}, compile: {use_compile}{why}")
+    log = start_log(cfg, d, prep, start_step)  # log.txt from here on (and --overwrite takes effect)
+    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device_type == "cuda" else None
+    flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size  # for MFU
+    stop = StopRequest()  # SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit
+    step_times = []
+
+    # --- the loop ----------------------------------------------------------------------------------
+    try:
+        for step in range(start_step, cfg.max_steps + 1):
+            last_step = step == cfg.max_steps
+            # Evaluation comes before the step: step 0 shows the untrained model (a loss near
+            # ln 50257 = 10.8), and the last step, max_steps, the weights after every update, which
+            # the last checkpoint saves. A run asked to stop skips it: torchrun allows only 30 s
+            # between its SIGTERM and a SIGKILL.
+            evaluate = not stop.requested
+            if evaluate and due(cfg.val_every, step, last_step):
+                model.eval()  # dropout off
+                val_loss = validation_loss(model, val_loader, prep.val_seqs, d.device, autocast)
+                model.train()
+                log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
+            if evaluate and due(cfg.hellaswag_every, step, last_step):
+                # the raw model: the shapes change with every batch, which a compiled one recompiles for
+                result = hellaswag.evaluate(raw_model, prep.hellaswag, device=d.device, batch_size=max(1, B // 4),
+                                            autocast=autocast, rank=d.rank, world_size=d.world_size)
+                log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
+            if evaluate and due(cfg.sample_every, step, last_step) and step > 0:
+                samples = sample_text(raw_model, cfg.prompt, cfg.num_samples, cfg.sample_tokens, d.device,
+                                      autocast, seed=cfg.seed + 1000 * d.rank + step)
+                for i, text in enumerate(samples):  # every rank prints its own (different seeds)
+                    print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
+            # a checkpoint of the weights after `step` updates, with the evaluation just made; none
+            # while the losses are not finite, so that the last good ones stay on disk
+            if step > start_step and due(cfg.checkpoint_every, step, last_step) and not updater.bad_in_a_row:
+                save(step, cfg, d, raw_model, updater, train_loader, val_loss)
+            if last_step:
+                break
+
+            # ------------------------------------ BEGIN the optimization step ------------------------
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = forward_backward(model, train_loader, grad_accum_steps, d.device, autocast, updater.scaler,
+                                    ddp)
+            if updater.scaler is not None:
+                updater.scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+            # clipping the gradient's global norm keeps one bad batch from throwing the weights far away
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # one all-reduce per step, for the log and for stopping: the loss averaged over the ranks
+            # (the gradients already are), and whether any rank was asked to stop, so that every rank
+            # stops after the same step
+            stats = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=d.device)])
+            if d.ddp:
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            loss_value, stop_now = stats[0].item() / d.world_size, stats[1].item() > 0
+            updater.apply_update(step, loss_value, norm.item(), log)  # optimizer.step(), if finite
+            synchronize(d.device)  # the clock measures finished work, not queued kernels
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            mfu = flops_per_step / dt / d.world_size / peak if peak else None  # model FLOPs utilization
+            log.record(step, "train", loss_value, f"loss {loss_value:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+                       f"dt {1000 * dt:.1f}ms | tok/sec {cfg.total_batch_size / dt:,.0f}"
+                       + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+            log.scalars(step, lr=lr, grad_norm=norm.item(), tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu)
+            # ------------------------------------ END the optimization step --------------------------
+
+            if stop_now:  # the step under way when the signal came is finished, then saved
+                save(step + 1, cfg, d, raw_model, updater, train_loader, val_loss)
+                print0(f"stopped by signal after step {step}; continue with --resume auto")
+                return
+    finally:
+        log.close()  # TensorBoard's last points too, whatever ends the run
+    updater.check_last_step(cfg.max_steps - 1)
+    print0(run_summary(step_times, cfg, d, peak, flops_per_step))
+    export(raw_model, cfg, d)
+
+
+# ================================================================================================
+# PART 2: RUNNING IT FOR REAL
+# ================================================================================================
+
+# ------------------------------------------------------------------------------------------------
+# The command line and the presets
+
+
+class ConfigError(UserError):
+    """A command-line setting that cannot work; the message names the flag and the fix."""
+
+
+PRESETS = {
+    # GPT-2 124M on 10B tokens of FineWeb-Edu: 19073 steps of 2**19 tokens (the RunConfig defaults)
+    "gpt2-124m": {},
+    # The rest of the GPT-2 miniseries: OpenAI's shapes for GPT-2 medium, large and xl, trained with
+    # the recipes llm.c published (scripts/run_gpt2_350M.sh, run_gpt2_774M.sh, run_gpt2_1558M.sh):
+    # the same AdamW (weight decay 0.1, grad clip 1.0), 700 warmup steps, cosine decay, T = 1024.
+    "gpt2-350m": dict(
+        n_layer=24, n_head=16, n_embd=1024,  # GPT-2 medium
+        max_lr=3e-4, min_lr_ratio=0.0, warmup_steps=700,  # llm.c: -l 0.0003 -q 0.0 -u 700
+        total_batch_size=524288, max_steps=60000,  # -d 524288 -x 60000: 31.5B tokens
+        data_dir="fineweb100B", checkpoint_every=2000,  # FineWeb (not -Edu) 100B tokens; -n 2000
+    ),
+    "gpt2-774m": dict(
+        n_layer=36, n_head=20, n_embd=1280,  # GPT-2 large
+        max_lr=2.5e-4, min_lr_ratio=0.0, warmup_steps=700,  # -l 0.00025 -q 0.0 -u 700
+        total_batch_size=524288, max_steps=286102,  # -d 524288 -x 286102: 150B tokens, 1.5 epochs
+        data_dir="fineweb100B", checkpoint_every=4000,  # FineWeb 100B; -n 4000
+    ),
+    "gpt2-1558m": dict(
+        n_layer=48, n_head=25, n_embd=1600,  # GPT-2 xl
+        max_lr=6e-4, min_lr_ratio=0.1, warmup_steps=700,  # -l 0.0006 -q 0.1 -u 700
+        total_batch_size=1048576, max_steps=32000,  # -d 1048576 -x 32000: 33.6B tokens
+        data_dir="edu_fineweb100B", checkpoint_every=2000,  # FineWeb-Edu 100B; -n 2000
+    ),
+    # Tiny Shakespeare (or any --input text) on a laptop CPU: a small model that learns within minutes
+    "shakespeare": dict(
+        # Tuned on a 2-core CPU (about 7 minutes there). At equal tokens, 1,024-token steps beat 2,048
+        # (val 4.82 vs 5.13 after 1.6M tokens) and 512; dropout 0.1 helps a little (each token is
+        # seen about 4 times); 8 layers instead of 4 did not help. With 1,024-token steps, LR 6e-3
+        # after 50 warmup steps had gradient-norm spikes (up to 23) that cost 0.3 of loss for good;
+        # 4e-3 after 100 steps trained smoothly and ended lower than 6e-3 (4.81 vs 4.86 in 1,400 steps).
+        input="input.txt", n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=8, seq_len=128,
+        total_batch_size=1024, max_steps=1200, warmup_steps=100, max_lr=4e-3, val_every=200,
+        val_tokens=32768, hellaswag_every=0, sample_every=400, checkpoint_every=400,
+    ),
+}
+NO_PROBE_MICRO_BATCH = 8  # --batch-size auto where no memory probe runs (CPU, MPS): at most this
+
+
+def batch_size_value(text: str):
+    """--batch-size: auto, or a whole number of at least 1."""
+    if text == "auto":
+        return text
+    try:
+        return number(int, 1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer of at least 1, got {text!r}") from None
+
+
+@dataclass
+class RunConfig:
+    preset: str = flag("gpt2-124m", "settings to start from; flags override them (--input alone starts from "
+                       "shakespeare)", choices=tuple(PRESETS))
+    # data
+    data_dir: str = flag("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
+    input: str = flag("", "train on this UTF-8 text file instead of shards (last 10% is validation); "
+                      "input.txt is downloaded if missing")
+    # model
+    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local Hugging Face "
+                          "GPT-2 folder (fine-tuning)")
+    n_layer: int = flag(12, "transformer blocks", number(int, 1))
+    n_head: int = flag(12, "attention heads", number(int, 1))
+    n_embd: int = flag(768, "model width (channels), a multiple of --n-head", number(int, 1))
+    dropout: float = flag(0.0, "dropout probability in training (0 = off; against overfitting on small data)",
+                          number(float, 0, below=1))
+    block_size: int = flag(0, "position-table size (tokens); 0 = --seq-len", number(int, 0))
+    # batch
+    batch_size: int | str = flag("auto", "micro-batch B (sequences per forward pass per process); auto: on "
+                                 "CUDA the largest that fits in memory, else at most 8", batch_size_value)
+    seq_len: int = flag(1024, "sequence length T (tokens)", number(int, 1))
+    total_batch_size: int = flag(524288, "tokens per optimizer step, over all processes and micro-steps",
+                                 number(int, 1))
+    # optimization
+    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", number(int, 1))
+    warmup_steps: int = flag(715, "linear LR warmup steps", number(int, 0))
+    max_lr: float = flag(6e-4, "peak learning rate", number(float, above=0))
+    min_lr_ratio: float = flag(0.1, "the cosine decay ends at this fraction of --max-lr",
+                               number(float, 0, 1))
+    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D parameters", number(float, 0))
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)", number(float, 0))
+    seed: int = flag(1337, "seed of the initial weights and of the data order", number(int, 0))
+    dtype: str = flag("auto", "autocast precision; auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, "
+                      "fp32 on CPU and MPS", choices=("auto", *DTYPES))
+    deterministic: bool = flag(False, "the same losses to the bit from the same command (README: "
+                               "Reproducibility)")
+    # periodic work (0 = off; each also runs on the last step)
+    val_every: int = flag(250, "validation loss every N steps", number(int, 0))
+    val_tokens: int = flag(10485760, "validation tokens per evaluation (a fixed set, whatever the world size); "
+                           "not given: the whole val split, up to this many", number(int, 1))
+    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps", number(int, 0))
+    hellaswag_data: str = flag("", "local HellaSwag JSON-lines file (default: the downloaded validation set)")
+    hellaswag_limit: int = flag(0, "score only the first N HellaSwag examples (0 = all 10,042)", number(int, 0))
+    sample_every: int = flag(250, "print --num-samples samples every N steps", number(int, 0))
+    prompt: str = flag("Hello, I'm a language model,", "what samples continue")
+    num_samples: int = flag(4, "samples each time", number(int, 1))
+    sample_tokens: int = flag(32, "new tokens per sample", number(int, 1))
+    checkpoint_every: int = flag(1000, "checkpoint every N steps", number(int, 0))
+    keep_checkpoints: int = flag(3, "keep the last N checkpoints (0 = all)", number(int, 0))
+    # run
+    log_dir: str = flag("log", "folder of log.txt and checkpoints; one run per folder")
+    overwrite: bool = flag(False, "delete another run's log and checkpoints in --log-dir first")
+    tensorboard: bool = flag(False, "also write TensorBoard curves to --log-dir (tensorboard --logdir LOG_DIR)")
+    device: str = flag("auto", "auto, cpu, cuda or mps")
+    compile: bool = flag(None, "torch.compile the model (default: on for CUDA GPUs that Triton supports, "
+                         "compute capability 7.0 and up)", bool)
+    resume: str = flag("", "'auto' (latest checkpoint in --log-dir, if any) or a checkpoint path")
+    eval_only: bool = flag(False, "with --resume or --init-from: validate, run HellaSwag (if on), sample, then "
+                           "exit without writing to --log-dir")
+    export_hf: str = flag("", "after training (or --eval-only), write the model to this folder in Hugging Face "
+                          "format")
+    max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row", number(int, 1))
+    # not flags: the command line's arguments, and the flags among them
+    argv: tuple = field(default=())
+    given: frozenset = field(default=frozenset())
+
+
+def make_parser() -> OneLineParser:
+    """A flag per RunConfig field; --help shows each default and the shakespeare preset's value."""
+    parser = OneLineParser(prog="train_gpt2.py", description="Train GPT-2 (the module docstring has the "
+                           "commands). Explicit flags override the preset.")
+    small = PRESETS["shakespeare"]
+    add_flags(parser, RunConfig, note=lambda f: f"; shakespeare: {small[f.name]!r}" if f.name in small else "")
+    return parser
+
+
+def parse_args(argv=None) -> RunConfig:
+    """Flags over the preset over the defaults (argparse checks each flag's range), then the checks
+    that involve several flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = given_flags(make_parser().parse_args(argv))
+    preset = given.get("preset") or ("shakespeare" if given.get("input") else RunConfig.preset)
+    cfg = RunConfig(**{**PRESETS[preset], **given, "preset": preset, "argv": tuple(argv),
+                       "given": frozenset(given)})
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the heads split "
+                          f"the width")
+    if cfg.block_size and cfg.block_size < cfg.seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds --block-size {cfg.block_size}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite deletes the run that --resume would continue: pass one of them")
+    if cfg.eval_only and not cfg.resume and cfg.init_from == "scratch":
+        raise ConfigError("--eval-only needs a model: pass --resume PATH|auto or --init-from")
+    return cfg
+
+
+def micro_steps(cfg: RunConfig, B: int | None, world_size: int) -> int:
+    """The one check that the batch sizes fit together: gradient-accumulation steps per optimizer step
+    for micro-batch B (None: not known yet), or a ConfigError that proposes valid --total-batch-size values."""
+    per_micro_step = (B or 1) * cfg.seq_len * world_size
+    if cfg.total_batch_size % per_micro_step:
+        lower = max(1, cfg.total_batch_size // per_micro_step) * per_micro_step
+        what = f"batch-size x seq-len x processes = {B} x " if B else "seq-len x processes = "
+        raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not divisible by {what}{cfg.seq_len} x "
+                          f"{world_size} = {per_micro_step}: use {lower} or {lower + per_micro_step}"
+                          + (", or change --batch-size" if B else ""))
+    return cfg.total_batch_size // per_micro_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-flight checks: every flag, folder, checkpoint and data file, before the model is built
+
+
+@dataclass
+class Prepared:
+    """What preflight() checked and read, for train() or evaluate_only()."""
+    dtype: torch.dtype  # autocast's
+    ckpt: dict | None = None  # the checkpoint to resume (or evaluate), on the CPU
+    ckpt_path: str | None = None
+    train: tuple = ((), ())  # (token arrays, their names) of the train split; none for --eval-only
+    val: tuple = ((), ())  # the same for the val split
+    val_seqs: int = 0  # sequences per validation
+    hellaswag: list | None = None  # the HellaSwag examples, when --hellaswag-every is on
+    folder: "RunFolder | None" = None  # the run folder, locked by rank 0; none for --eval-only
+
+
+def preflight(cfg: RunConfig, d: Dist) -> Prepared:
+    """Everything that can fail before the model is built (which, compiled, takes a while), in this
+    order: precision and packages, the run folder, the checkpoint, the data, HellaSwag."""
+    prep = Prepared(dtype=autocast_dtype(d.device, cfg.dtype))
+    if cfg.tensorboard:
+        need_package("tensorboard", "--tensorboard")
+    if cfg.export_hf:  # found out now, not after hours of training
+        if os.path.isfile(cfg.export_hf):
+            raise ConfigError(f"--export-hf {cfg.export_hf}: a file, not a folder")
+        need_package("transformers", "--export-hf")
+    if not cfg.eval_only:  # one run, one writer (rank 0); --eval-only writes nothing there
+        prep.folder = RunFolder(cfg.log_dir)
+        on_rank0(d, lambda: prep.folder.prepare(bool(cfg.resume), cfg.overwrite))
+    if cfg.resume:
+        prep.ckpt_path, prep.ckpt = find_resume_checkpoint(cfg)
+    if prep.ckpt is not None and cfg.eval_only:  # evaluate on the run's own validation tokens
+        for key in ("input", "data_dir", "seq_len", "val_tokens"):
+            if key not in cfg.given and key in prep.ckpt["run_config"]:
+                setattr(cfg, key, prep.ckpt["run_config"][key])
+    micro_steps(cfg, None if cfg.batch_size == "auto" else cfg.batch_size, d.world_size)
+    prep.train, prep.val = read_splits(cfg)
+    if cfg.val_every:
+        prep.val_seqs = plan_validation(cfg, prep.val)
+    if cfg.hellaswag_every:
+        try:
+            prep.hellaswag = hellaswag.load_examples(
+                cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None,
+                fix="pass --hellaswag-data FILE with a local copy, or --hellaswag-every 0")
+        except hellaswag.HellaSwagError as e:
+            raise ConfigError(f"--hellaswag-every {cfg.hellaswag_every}: {e}") from None
+    return prep
+
+
+def need_package(name: str, flag_name: str):
+    try:
+        __import__(name)
+    except ImportError:
+        raise ConfigError(f"{flag_name} needs the {name} package: pip install {name}") from None
+
+
+def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
+    """(train, val) token arrays with their names, from --input or --data-dir; --eval-only reads no
+    train split."""
+    T, seqs_per_step = cfg.seq_len, cfg.total_batch_size // cfg.seq_len
+    if cfg.input:
+        train_ids, val_ids = load_text(cfg.input)
+        train, val = ([train_ids], [f"{cfg.input} (first 90%)"]), ([val_ids], [f"{cfg.input} (last 10%)"])
+        fix = "use a longer text, or lower --seq-len / --total-batch-size"
+    else:
+        train = ((), ()) if cfg.eval_only else load_shards(cfg.data_dir, "train")
+        val = load_shards(cfg.data_dir, "val")
+        fix = "build more data with `python fineweb.py`, or lower --total-batch-size"
+    have = count_sequences(train[0], T)
+    if not cfg.eval_only and have < seqs_per_step:
+        raise DataError(f"{describe(train[1])}: the train split has {have} sequences of T={T} tokens, fewer "
+                        f"than the {seqs_per_step} one optimizer step needs; {fix}")
+    return train, val
+
+
+def plan_validation(cfg: RunConfig, val) -> int:
+    """Sequences per validation: --val-tokens when given (at most the split), else the whole split
+    up to the preset's number."""
+    T = cfg.seq_len
+    have = count_sequences(val[0], T)
+    wanted = max(1, cfg.val_tokens // T)
+    if "val_tokens" in cfg.given and wanted > have:
+        raise ConfigError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has {have * T:,} "
+                          f"tokens in sequences of T={T}; pass at most {have * T}, or leave --val-tokens out")
+    if have == 0:
+        raise DataError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower --seq-len, "
+                        f"or --val-every 0 to train without validation")
+    n = min(wanted, have)
+    print0(f"validation: {n * T:,} tokens" + (" (the whole val split)" if n == have else ""))
+    return n
+
+
+def count_sequences(arrays, T: int) -> int:
+    return sum((len(a) - 1) // T for a in arrays)  # as DataLoader cuts them
+
+
+def describe(names) -> str:
+    return ", ".join(names[:3]) + ("..." if len(names) > 3 else "")
+
+
+def read_text(path: str) -> str:
+    """The text of --input, checked: a UTF-8 text file (input.txt, Tiny Shakespeare, is downloaded
+    when it is missing)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder: pass --input with a text file (or build shards with `python "
+                        f"fineweb.py`)")
+    if not os.path.isfile(path):
+        if os.path.basename(path) != "input.txt":
+            raise DataError(f"{path}: no such file: pass --input with a plain text file")
+        try:
+            download(TINY_SHAKESPEARE_URL, path)
+        except OSError as e:
+            raise DataError(f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); download "
+                            f"{TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with another text "
+                            f"file") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    if b"\0" in raw:
+        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input with a "
+                        f"UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert it to "
+                        f"UTF-8 (for example `iconv -f latin1 -t utf-8`) or pass another --input") from None
+
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def check_model(cfg: RunConfig, model: GPT, prep: Prepared):
+    """Checks that need the model: --seq-len fits its position table (a pretrained model brings its
+    own), and a checkpoint to resume was made by the same shape of model."""
+    if cfg.seq_len > model.config.block_size:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {model.config.block_size}")
+    if prep.ckpt is not None:
+        diffs = config_differences(prep.ckpt["model_config"], asdict(model.config))
+        if diffs:
+            raise CheckpointError(f"{prep.ckpt_path}: the checkpoint's model differs from this run's: "
+                                  + "; ".join(diffs))
+
+
+# ------------------------------------------------------------------------------------------------
+# The run folder, checkpoints and resume
+
+CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{6,})\.pt")
+
+
+class CheckpointError(UserError):
+    """A checkpoint or model that cannot be used (truncated, foreign, or for another model)."""
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by this script, or raise CheckpointError naming the file. Always onto
+    the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
+    torch.cuda.set_rng_state take nothing else); load_state_dict copies the rest to the device."""
+    if not os.path.isfile(path):
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
+        raise CheckpointError(f"{path}: {what}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, random bytes, a pickle of something else...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be truncated by "
+                              f"a crash during saving: use an earlier checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')}, this script reads "
+                              f"{CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> GPT:
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_model(source: str, device="cpu", dropout: float = 0.0) -> GPT:
+    """The one model loader (--init-from, --eval-only, hellaswag.py, the notebook): a train_gpt2.py
+    checkpoint (a .pt file), a GPT-2 name (gpt2, gpt2-medium, ..., from the Hugging Face hub) or a
+    local Hugging Face GPT-2 folder; in eval mode on `device`. Failures are one CheckpointError line."""
+    if os.path.isfile(source) or source.endswith(".pt"):
+        model = model_from_checkpoint(read_checkpoint(source))
+    else:
+        try:
+            model = GPT.from_pretrained(source, dropout=dropout)
+        except Exception as e:  # a bad name, an incomplete folder, no network for the hub...
+            raise CheckpointError(f"cannot load model {source!r}: {' '.join(str(e).split())[:300]}") from None
+    return model.to(device).eval()
+
+
+def rng_state(device_type: str) -> dict:
+    """The random states a run draws from: Python's, NumPy's, torch's CPU one and its device's (dropout)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device_type in ("cuda", "mps"):
+        state[device_type] = getattr(torch, device_type).get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device_type: str):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device_type in state:
+        getattr(torch, device_type).set_rng_state(state[device_type])
+
+
+def checkpoint_path(log_dir: str, step: int) -> str:
+    return os.path.join(log_dir, f"ckpt_{step:06d}.pt")
+
+
+def checkpoint_steps(log_dir: str) -> list[int]:
+    """Steps of the checkpoints in a folder, oldest first."""
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    return sorted(int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
+
+
+def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
+    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints. A
+    failed write (a full disk) is a CheckpointError; the previous checkpoint and `latest` are untouched."""
+    path = checkpoint_path(log_dir, state["step"])
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+        # "latest" is updated only once the checkpoint it names is complete on disk
+        atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        previous = [s for s in checkpoint_steps(log_dir) if s != state["step"]]
+        kept = f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        free = shutil.disk_usage(log_dir).free / 1e9
+        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in {log_dir}); {kept}: "
+                              f"free some space, then continue with --resume auto") from None
+    if keep > 0:  # the newest `keep` up to this one stay; later ones (from before a resume) are not ours
+        older = [s for s in checkpoint_steps(log_dir) if s < state["step"]]
+        for step in older[: max(0, len(older) - (keep - 1))]:
+            os.remove(checkpoint_path(log_dir, step))
+    return path
+
+
+def latest_checkpoint(log_dir: str, before: int | None = None) -> str | None:
+    """The one checkpoint lookup: the newest checkpoint of a run folder, the one LOG_DIR/latest names
+    (updated only after a complete save), else the one of the highest step; with `before`, the newest
+    of an earlier step. None when there is none."""
+    pointer = os.path.join(log_dir, "latest")
+    if os.path.isdir(pointer):
+        raise CheckpointError(f"{pointer}: a folder where a file naming the latest checkpoint belongs: remove it")
+    steps = [s for s in checkpoint_steps(log_dir) if before is None or s < before]
+    if before is None and os.path.isfile(pointer):
+        with open(pointer, "rb") as f:
+            name = f.read(200).decode("utf-8", "replace").strip()
+        if CHECKPOINT_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
+            return os.path.join(log_dir, name)
+        print0(f"warning: {pointer} names {name!r}, which is not a checkpoint in {log_dir}; using the newest one")
+    return checkpoint_path(log_dir, steps[-1]) if steps else None
+
+
+def find_resume_checkpoint(cfg: RunConfig) -> tuple[str | None, dict | None]:
+    """--resume PATH, or --resume auto: (path, contents) of the latest checkpoint in --log-dir, or of the
+    newest readable one if that one is damaged; (None, None) when the folder has none yet."""
+    if cfg.resume != "auto":
+        return cfg.resume, read_checkpoint(cfg.resume)
+    path = latest_checkpoint(cfg.log_dir)
+    while path is not None:
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            print0(f"warning: {e}; trying an older one")
+            path = latest_checkpoint(cfg.log_dir, before=int(CHECKPOINT_NAME.search(path)[1]))
+    if cfg.eval_only:
+        raise CheckpointError(f"--resume auto: no checkpoint in {cfg.log_dir}")
+    print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
+    return None, None
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def resume(prep: Prepared, model: GPT, updater: "Updater", train_loader: DataLoader, cfg: RunConfig,
+           d: Dist) -> tuple[int, float | None]:
+    """Restore a run from its checkpoint; returns (the step to go on from, the last validation loss)."""
+    ckpt = prep.ckpt
+    model.load_state_dict(ckpt["model"])
+    optimizer = updater.optimizer
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
+    for group, settings in zip(optimizer.param_groups, ours):  # but weight decay, betas, fused... are
+        group.update(settings)  # this run's, not the checkpoint's
+    if updater.scaler is not None and ckpt.get("scaler"):
+        updater.scaler.load_state_dict(ckpt["scaler"])
+    updater.skipped_total = ckpt.get("skipped_steps", 0)
+    saved = ckpt["run_config"]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+               for k in ("seed", "seq_len", "total_batch_size", "input", "data_dir") if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        print0(f"warning: {', '.join(changed)}: the data order differs from the original run")
+    train_loader.load_state_dict(ckpt["train_loader"])
+    if ckpt["world_size"] == d.world_size:
+        set_rng_state(ckpt["rng"][d.rank], d.device_type)
+    else:
+        print0(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, "
+               f"optimizer, step and data position are kept (a step's data does not depend on the number of "
+               f"processes); per-process random states are not restored")
+    print0(f"resumed from {prep.ckpt_path} at step {ckpt['step']}")
+    step, val_loss = ckpt["step"], ckpt.get("val_loss")
+    prep.ckpt = None  # the only reference: its memory goes back before training starts
+    return step, val_loss
+
+
+def save(step: int, cfg: RunConfig, d: Dist, model: GPT, updater: "Updater", train_loader: DataLoader,
+         val_loss: float | None):
+    """A checkpoint after `step` updates: every rank's random state is gathered; rank 0 writes."""
+    rngs = [None] * d.world_size
+    if d.ddp:
+        dist.all_gather_object(rngs, rng_state(d.device_type))
+    else:
+        rngs[0] = rng_state(d.device_type)
+    state = None
+    if d.is_main:
+        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+                 "model": model.state_dict(), "optimizer": updater.optimizer.state_dict(),
+                 "scaler": updater.scaler.state_dict() if updater.scaler else None,
+                 "train_loader": train_loader.state_dict(), "rng": rngs, "model_config": asdict(model.config),
+                 "run_config": asdict(cfg), "world_size": d.world_size, "val_loss": val_loss,
+                 "skipped_steps": updater.skipped_total}
+    t0 = time.perf_counter()
+    on_rank0(d, lambda: save_checkpoint(cfg.log_dir, state, keep=cfg.keep_checkpoints))  # all ranks wait
+    print0(f"saved {checkpoint_path(cfg.log_dir, step)} ({time.perf_counter() - t0:.2f}s)")
+
+
+def export(model: GPT, cfg: RunConfig, d: Dist):
+    if cfg.export_hf and d.is_main:
+        model.export_hf(cfg.export_hf)
+        print0(f"exported the model in Hugging Face format to {cfg.export_hf}")
+
+
+class RunFolder:
+    """The --log-dir of one run: a writable folder, locked by rank 0 while the run lives.
+
+    The lock is an flock on LOG_DIR/.lock, which the kernel drops when the process dies in any way
+    (kill -9 included), so it never outlives its run; the file holds the owner's pid for the error
+    message. Another run's files (log.txt, latest, checkpoints, TensorBoard events) in the folder
+    stop a new run unless it resumes (--resume) or clears them (--overwrite)."""
+
+    def __init__(self, path: str):
+        self.path, self.lock_fd = path, None
+
+    def prepare(self, resuming: bool, overwrite: bool):
+        """Before anything is built: a folder, locked, holding no other run (unless resuming or
+        overwriting it: its files are deleted only by clear(), once everything else has been checked)."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"--log-dir {self.path}: a file, not a folder; pass another --log-dir")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir"
+                              ) from None
+        self.lock()
+        if self.other_run() and not resuming and not overwrite:
+            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): continue "
+                              f"it with --resume auto, pass another --log-dir, or pass --overwrite to delete that "
+                              f"run first")
+
+    def lock(self):
+        """Become the folder's one writer, or raise ConfigError naming the process that is."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the folder is not locked there
+            return
+        try:
+            fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another --log-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for it to end, "
+                              f"or pass another --log-dir") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            print0(f"warning: --log-dir {self.path}: cannot be locked ({e.strerror}); one run at a time, please")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd  # held open (and locked) until the process exits
+
+    def other_run(self) -> list[str]:
+        """Files of a run in the folder: log.txt, latest, checkpoints, TensorBoard events."""
+        return [n for n in sorted(os.listdir(self.path)) if n in ("log.txt", "latest") or CHECKPOINT_NAME.fullmatch(n)
+                or n.startswith("events.out.tfevents.")]
+
+    def clear(self, overwrite: bool):
+        """With --overwrite, delete the other run's files; always, the temporary files of a killed save."""
+        theirs = self.other_run() if overwrite else []
+        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]  # a killed save's
+        for n in theirs + stale:
+            os.remove(os.path.join(self.path, n))
+        if theirs:
+            print0(f"--overwrite: deleted the previous run's files in {self.path}")
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The log: print0, log.txt, TensorBoard, the run header
+
+LOG_RECORD = re.compile(r"(\d+) (\w+) (\S+)")
+TENSORBOARD_TAGS = {"train": "loss/train", "val": "loss/val", "hella": "hellaswag/acc_norm"}
+
+
+def print0(*args):
+    """print on rank 0 only (torchrun sets RANK in every process; a plain `python` run is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def parse_record(line: str):
+    """A log.txt line -> (step, kind, value), or None for a line that is not a record."""
+    m = LOG_RECORD.fullmatch(line.strip())
+    try:
+        return (int(m[1]), m[2], float(m[3])) if m else None
+    except ValueError:
+        return None
+
+
+class RunLog:
+    """The run's records: LOG_DIR/log.txt, one `STEP KIND VALUE` per line, and with --tensorboard the
+    same values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars in LOG_DIR. With log_dir
+    None (other ranks) it only prints."""
+
+    def __init__(self, log_dir: str | None, tensorboard: bool = False):
+        self.log_dir, self.tensorboard, self.writer = log_dir, tensorboard, None
+        self.path = os.path.join(log_dir, "log.txt") if log_dir else None
+
+    def start(self, header_lines, resume_step=None):
+        """New run: write the header. Resumed run: keep the records before resume_step, then append."""
+        if self.path is None:
+            return
+        kept, dropped = [], 0
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    record = parse_record(line)
+                    if line.startswith("#") or (record and record[0] < resume_step):
+                        kept.append(line)  # later records were made by the lost part of the run
+                    elif record is None and line.strip():
+                        dropped += 1
+            if dropped:
+                print0(f"warning: {self.path}: dropped {dropped} line(s) that are not `STEP KIND VALUE` records")
+        atomic_write(self.path, lambda f: f.write("".join(kept + [f"# {h}\n" for h in header_lines]).encode()))
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides the earlier files' points from this step on (the lost part of
+            # an interrupted run), so a resumed run continues the same curves
+            self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
+
+    def record(self, step: int, kind: str, value: float, line: str | None = None):
+        """A `STEP KIND VALUE` record; `line` is printed as `step STEP | line`."""
+        if line is not None:
+            print0(f"step {step:5d} | {line}")
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumed runs compare exactly
+        if self.writer and kind in TENSORBOARD_TAGS:
+            self.writer.add_scalar(TENSORBOARD_TAGS[kind], value, step)
+
+    def scalars(self, step: int, **values):
+        """TensorBoard-only values of a step (lr, grad_norm, tokens_per_sec, mfu); not finite: left out."""
+        for tag, value in values.items():
+            if self.writer and value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def start_log(cfg: RunConfig, d: Dist, prep: Prepared, start_step: int) -> RunLog:
+    """Once everything is checked and built: --overwrite deletes the previous run's files, and log.txt
+    starts with the run header (a resumed run keeps its records before start_step)."""
+    on_rank0(d, lambda: prep.folder.clear(cfg.overwrite))
+    log = RunLog(cfg.log_dir if d.is_main else None, cfg.tensorboard)
+    log.start(run_header(cfg, d), resume_step=start_step if prep.ckpt_path else None)
+    return log
+
+
+def run_header(cfg: RunConfig, d: Dist) -> list[str]:
+    import platform
+    import subprocess
+
+    import tiktoken
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    device = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type
+    return [f"command: {shlex.join(['train_gpt2.py', *cfg.argv])}",  # shlex: play.ipynb reads it back
+            f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"tiktoken {tiktoken.__version__}",
+            f"device: {device} x {d.world_size}",
+            f"git: {commit or 'unknown'}"]
+
+
+def run_summary(step_times: list[float], cfg: RunConfig, d: Dist, peak: float | None, flops_per_step: int) -> str:
+    """The run's speed in one line: the median step (the first, which compiles, left out), MFU and the
+    peak memory the GPU allocated."""
+    times = sorted(step_times[1:] or step_times) or [float("nan")]
+    dt = times[len(times) // 2]
+    line = f"done: {len(step_times)} steps, median {1000 * dt:.1f} ms/step, {cfg.total_batch_size / dt:,.0f} tokens/s"
+    if peak:
+        line += f", mfu {100 * flops_per_step / dt / d.world_size / peak:.1f}%"
+    if d.device_type == "cuda":
+        line += f", peak memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB"
+    return line
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals and rank-0 work
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop: the loop finishes its step, saves a checkpoint
+    and exits 0. The first signal also puts back Python's own SIGINT handler, so a second Ctrl-C
+    interrupts at once (exit 130); checkpoints are written atomically, so the last complete one stays
+    loadable."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if int(os.environ.get("RANK", "0")) == 0:  # os.write: print's buffer may be mid-write
+            os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                        f"(a second Ctrl-C stops at once)\n".encode())
+
+
+def on_rank0(d: Dist, work):
+    """work() on rank 0 only; if it fails (a ConfigError, CheckpointError or OSError), every rank raises
+    the error (so that no rank waits forever in a collective for one that has exited)."""
+    error = None
+    if d.is_main:
+        try:
+            work()
+        except (ConfigError, CheckpointError) as e:
+            error = e
+        except OSError as e:
+            error = CheckpointError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
+    if d.ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerics and speed: the guarded update, the micro-batch probe, memory, compile, peak FLOP/s
+
+
+class TrainingError(UserError):
+    """Training cannot go on (non-finite losses or weights); the message names the last good checkpoint."""
+
+
+class Updater:
+    """optimizer.step(), guarded. In fp16 a GradScaler (grad_scaler) scales the loss and skips a step
+    whose gradients overflowed. In any precision a non-finite loss skips the update and is counted:
+    --max-bad-steps of them in a row stop the run, and so does an update that breaks the weights."""
+
+    def __init__(self, optimizer, scaler, model: GPT, cfg: RunConfig):
+        self.optimizer, self.scaler, self.model, self.cfg = optimizer, scaler, model, cfg
+        self.bad_in_a_row = 0  # non-finite losses in a row, up to this step
+        self.skipped_total = 0  # updates skipped for a non-finite loss, in the whole run
+
+    def apply_update(self, step: int, loss: float, norm: float, log: RunLog):
+        finite = math.isfinite(loss)
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            if finite:
+                self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
+            self.scaler.update()  # lowers the scale after an overflow, raises it after 2,000 clean steps
+            updated = finite and math.isfinite(norm)
+            if self.scaler.get_scale() != scale:
+                overflow = "" if updated or not finite else " (gradients overflowed: update skipped)"
+                log.record(step, "scale", self.scaler.get_scale(),
+                           f"loss scale {scale:g} -> {self.scaler.get_scale():g}{overflow}")
+        else:
+            finite = updated = finite and math.isfinite(norm)
+            if updated:
+                self.optimizer.step()
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        if not finite:  # the update was skipped: the weights are those before the step
+            self.skipped_total += 1
+            log.record(step, "skipped", self.skipped_total, f"non-finite loss {loss} / grad norm {norm}: "
+                       f"update skipped ({self.bad_in_a_row} in a row, {self.skipped_total} in all)")
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {step}: stopping. "
+                                    f"{self.last_good()}; lower --max-lr or raise --warmup-steps, then --resume "
+                                    f"auto")
+        # a huge learning rate can break the weights with finite gradients: one fused norm over all of them
+        if updated and not math.isfinite(torch.nn.utils.get_total_norm(list(self.model.parameters())).item()):
+            raise TrainingError(f"step {step}: the update made the weights non-finite or too large for fp32 "
+                                f"(--max-lr {self.cfg.max_lr} too high?); {self.last_good()}")
+
+    def check_last_step(self, step: int):
+        if self.bad_in_a_row:
+            raise TrainingError(f"the last step ({step}) was skipped: its loss was not finite; {self.last_good()}")
+
+    def last_good(self) -> str:
+        path = latest_checkpoint(self.cfg.log_dir)
+        return f"the last good checkpoint is {path}" if path else "no checkpoint was saved"
+
+
 def grad_scaler(device_type: str, dtype: torch.dtype):
     """fp16 has 5 exponent bits: small gradients underflow to 0 and big ones overflow. A GradScaler
     multiplies the loss by a large scale before backward, unscales the gradients before clipping,
@@ -943,13 +1701,93 @@ def grad_scaler(device_type: str, dtype: torch.dtype):
     return torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
 
 
-def synchronize(device: torch.device):
-    """Wait for the device's queued work: GPU work is asynchronous, so a clock read without this times
-    only the launching of kernels."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def auto_micro_batch(cfg: RunConfig, model: GPT, d: Dist, autocast) -> int:
+    """--batch-size auto: on CUDA the largest micro-batch that fits in memory (fit_micro_batch), the
+    same on every rank; elsewhere the largest divisor of the sequences per rank up to 8."""
+    per_rank = cfg.total_batch_size // cfg.seq_len // d.world_size
+    if d.device_type != "cuda":
+        return max(b for b in range(1, min(per_rank, NO_PROBE_MICRO_BATCH) + 1) if per_rank % b == 0)
+    # held aside: AdamW's two fp32 moments, DDP's gradient buckets, and 512 MB for NCCL and the compiler
+    n_params = sum(p.numel() for p in model.parameters())
+    reserve = (12 if d.ddp else 8) * n_params + (512 << 20)
+    B, too_big = fit_micro_batch(model, per_rank, cfg.seq_len, d.device, autocast, reserve_bytes=reserve)
+    if d.ddp:  # every rank must use the same B: the smallest that fits everywhere
+        agreed = torch.tensor(B, device=d.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        B = int(agreed)
+    print0(f"--batch-size auto: micro-batch {B}" + (f" (out of memory at {', '.join(map(str, too_big))})"
+                                                     if too_big else ""))
+    return B
+
+
+def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int) -> tuple[int, list]:
+    """--batch-size auto on CUDA: the largest micro-batch that divides per_rank_seqs and trains in the
+    GPU's memory. Tries a forward and backward pass at (B, T) with reserve_bytes (the optimizer's
+    state, not yet allocated) held aside, and halves B on torch.OutOfMemoryError. The passes run
+    uncompiled (which needs more memory than compiled), on zeros, under a forked random state: no
+    weight, data or random number of the run changes, so it trains exactly as with --batch-size B.
+    Returns B and the sizes that did not fit."""
+
+    def fits(B):
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+                x = torch.zeros(B, T, dtype=torch.long, device=device)
+                with autocast:
+                    _, loss = model(x, x, return_logits=False)
+                loss.backward()
+                del held, x, loss
+            return True
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower() \
+                    and "ALLOC_FAILED" not in str(e):
+                raise
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    B, too_big = per_rank_seqs, []
+    while not fits(B):
+        torch.cuda.empty_cache()  # give back what the failed try reserved
+        too_big.append(B)
+        smaller = [b for b in range(B // 2, 0, -1) if per_rank_seqs % b == 0]
+        if not smaller:
+            raise ConfigError(f"--batch-size auto: not even one sequence of --seq-len {T} fits in GPU memory; "
+                              f"lower --seq-len or train a smaller model")
+        B = smaller[0]
+    torch.cuda.empty_cache()
+    return B, too_big
+
+
+class CrossEntropy(torch.autograd.Function):
+    """Memory: F.cross_entropy's value and gradient for logits (N, V) and targets (N,) (-1 ignored),
+    with a backward that allocates nothing.
+
+    With V = 50k classes the logits are the largest tensors of a step. F.cross_entropy's backward
+    allocates and writes two new (N, V) tensors (a zeroed gradient for the NLL, then the
+    log-softmax's); here the gradient, (softmax - onehot(target)) / N, is written in place over the
+    saved fp32 log-probabilities, which are ours alone and not needed again. That is one (N, V) fp32
+    tensor less at the peak: 978 vs 1,161 MB resident for the shakespeare preset's step, 13 GB at
+    GPT-2 124M's B=64, T=1024; the step time is the same (1.00x, 2-core CPU). Eager mode only (CPU,
+    MPS, --no-compile): under torch.compile, GPT.forward uses F.cross_entropy, which the compiler fuses."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # fp32 even under autocast, no copy first
+        ctx.save_for_backward(logp, targets)
+        ctx.logits_dtype = logits.dtype
+        return F.nll_loss(logp, targets, ignore_index=-1)  # F.cross_entropy's value, to the last bit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        logp, targets = ctx.saved_tensors  # a second backward raises: logp is overwritten below
+        valid = targets != -1
+        grad = logp.exp_()  # softmax, in place
+        grad[torch.arange(len(targets), device=grad.device), targets.clamp(min=0)] -= 1
+        scale = grad_loss / valid.sum().clamp(min=1)  # the loss is a mean over the valid targets
+        grad.mul_(scale * valid.unsqueeze(1))  # ignored rows get 0
+        return grad.to(ctx.logits_dtype), None
 
 
 def keep_freed_memory():
@@ -1003,768 +1841,85 @@ def peak_flops(device_name: str) -> float | None:
     return table.get(f"{model} {form}") or table.get(model)
 
 
-LOG_RECORD = re.compile(r"(\d+) (\w+) (\S+)")
-TENSORBOARD_TAGS = {"train": "loss/train", "val": "loss/val", "hella": "hellaswag/acc_norm"}
-
-
-def parse_record(line: str):
-    """A log.txt line -> (step, kind, value), or None for a line that is not a record."""
-    m = LOG_RECORD.fullmatch(line.strip())
-    try:
-        return (int(m[1]), m[2], float(m[3])) if m else None
-    except ValueError:
-        return None
-
-
-class RunLog:
-    """print0 (rank 0 prints) and the run's records: LOG_DIR/log.txt, one `STEP KIND VALUE` per line,
-    and with --tensorboard the same values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars
-    in LOG_DIR. With log_dir None (--eval-only) it only prints."""
-
-    def __init__(self, log_dir: str | None, is_main: bool, tensorboard: bool = False):
-        self.is_main, self.tensorboard, self.writer = is_main, tensorboard, None
-        self.log_dir = log_dir if is_main else None
-        self.path = os.path.join(log_dir, "log.txt") if self.log_dir else None
-
-    def print0(self, *args):
-        if self.is_main:
-            print(*args, flush=True)
-
-    def start(self, header_lines, resume_step=None):
-        """New run: write the header. Resumed run: keep the records before resume_step, then append."""
-        if self.path is None:
-            return
-        kept, dropped = [], 0
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    record = parse_record(line)
-                    if line.startswith("#") or (record and record[0] < resume_step):
-                        kept.append(line)  # later records were made by the lost part of the run
-                    elif record is None and line.strip():
-                        dropped += 1
-            if dropped:
-                self.print0(f"warning: {self.path}: dropped {dropped} line(s) that are not `STEP KIND VALUE` records")
-        atomic_write(self.path, lambda f: f.write("".join(kept + [f"# {h}\n" for h in header_lines]).encode()))
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard hides the earlier files' points from this step on (the lost part of
-            # an interrupted run), so a resumed run continues the same curves
-            self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
-
-    def record(self, step: int, kind: str, value: float):
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumed runs compare exactly
-        if self.writer and kind in TENSORBOARD_TAGS:
-            self.writer.add_scalar(TENSORBOARD_TAGS[kind], value, step)
-
-    def scalars(self, step: int, **values):
-        """TensorBoard-only values of a step (lr, grad_norm, tokens_per_sec, mfu)."""
-        for tag, value in values.items():
-            if self.writer and value is not None:
-                self.writer.add_scalar(tag, value, step)
-
-    def close(self):
-        if self.writer:
-            self.writer.close()
-
-
-def run_header(argv, d: Dist) -> list[str]:
-    import platform
-    import subprocess
-
-    import tiktoken
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    device = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type
-    return [f"command: {shlex.join(argv)}",  # shlex: play.ipynb reads the flags back
-            f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-            f"tiktoken {tiktoken.__version__}",
-            f"device: {device} x {d.world_size}",
-            f"git: {commit or 'unknown'}"]
-
-
-class StopRequest:
-    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop: the loop finishes its step, saves a checkpoint
-    and exits 0. A second Ctrl-C exits at once; checkpoints are written atomically, so the last
-    complete one stays loadable.
-
-    Python runs a signal handler only between bytecodes, so two Ctrl-C's during one long operation
-    reach it once. Every signal does reach the C level, which writes its number into a wakeup pipe
-    (signal.set_wakeup_fd): a thread reading that pipe counts each one."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self):
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)  # the C-level handler must never block
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: None)  # no KeyboardInterrupt: the thread decides
-        threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="stop-request").start()
-
-    def _watch(self, read_fd: int):
-        while True:
-            for signum in os.read(read_fd, 64):
-                if signum == signal.SIGINT and self.requested:
-                    print("second interrupt: exiting now", file=sys.stderr, flush=True)
-                    os._exit(130)
-                self.requested = self.requested or signum in (signal.SIGINT, signal.SIGTERM)
-
-
-def on_rank0(d: Dist, work):
-    """work() on rank 0 only; if it fails (a ConfigError, CheckpointError or OSError), every rank raises
-    the error (so that no rank waits forever in a collective for one that has exited)."""
-    error = None
-    if d.is_main:
-        try:
-            work()
-        except (ConfigError, CheckpointError) as e:
-            error = e
-        except OSError as e:
-            error = CheckpointError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
-    if d.ddp:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise error
-
-
-# -----------------------------------------------------------------------------------------------
-# The command line
-
-PRESETS = {
-    # GPT-2 124M on 10B tokens of FineWeb-Edu: 19073 steps of 2**19 tokens (the RunConfig defaults)
-    "gpt2-124m": {},
-    # Tiny Shakespeare (or any --input text) on a laptop CPU: a small model that learns within minutes
-    "shakespeare": dict(
-        # Tuned on a 2-core CPU (about 7 minutes there). At equal tokens, 1,024-token steps beat 2,048
-        # (val 4.82 vs 5.13 after 1.6M tokens) and 512; dropout 0.1 helps a little (each token is
-        # seen about 4 times); 8 layers instead of 4 did not help. With 1,024-token steps, LR 6e-3
-        # after 50 warmup steps had gradient-norm spikes (up to 23) that cost 0.3 of loss for good;
-        # 4e-3 after 100 steps trained smoothly and ended lower than 6e-3 (4.81 vs 4.86 in 1,400 steps).
-        input="input.txt", n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=8, seq_len=128,
-        total_batch_size=1024, max_steps=1200, warmup_steps=100, max_lr=4e-3, val_every=200,
-        val_tokens=32768, hellaswag_every=0, sample_every=400, checkpoint_every=400,
-    ),
-}
-NO_PROBE_MICRO_BATCH = 8  # --batch-size auto where no memory probe runs (CPU, MPS): at most this
-
-
-def arg(default, help, *, at_least=None, above=None, below=None, choices=None, parse=None):
-    """A RunConfig field: its default, its --help text, and the values it allows."""
-    return field(default=default, metadata=dict(help=help, at_least=at_least, above=above, below=below,
-                                                choices=choices, parse=parse))
-
-
-def batch_size_value(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: use auto or a whole number of at least 1")
-    return value
-
-
-@dataclass
-class RunConfig:
-    preset: str = arg("gpt2-124m", "settings to start from; flags override them (--input alone starts from "
-                      "shakespeare)", choices=tuple(PRESETS))
-    # data
-    data_dir: str = arg("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
-    input: str = arg("", "train on this UTF-8 text file instead of shards (last 10%% is validation); "
-                     "input.txt is downloaded if missing")
-    # model
-    init_from: str = arg("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 "
-                         "folder (fine-tuning)")
-    n_layer: int = arg(12, "transformer blocks", at_least=1)
-    n_head: int = arg(12, "attention heads", at_least=1)
-    n_embd: int = arg(768, "model width (channels), a multiple of --n-head", at_least=1)
-    dropout: float = arg(0.0, "dropout probability in training (0 = off; against overfitting on small data)",
-                         at_least=0, below=1)
-    block_size: int = arg(0, "position-table size (tokens); 0 = --seq-len", at_least=0)
-    # batch
-    batch_size: int | str = arg("auto", "micro-batch B (sequences per forward pass per process); auto: on CUDA the "
-                                "largest that fits in memory, else at most 8", parse=batch_size_value)
-    seq_len: int = arg(1024, "sequence length T (tokens)", at_least=1)
-    total_batch_size: int = arg(524288, "tokens per optimizer step, over all processes and micro-steps", at_least=1)
-    # optimization
-    max_steps: int = arg(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", at_least=1)
-    warmup_steps: int = arg(715, "linear LR warmup steps", at_least=0)
-    max_lr: float = arg(6e-4, "peak learning rate; decays by cosine to 10%% of it", above=0)
-    weight_decay: float = arg(0.1, "AdamW weight decay of 2-D parameters", at_least=0)
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = no clipping)", at_least=0)
-    seed: int = arg(1337, "seed of the initial weights and of the data order", at_least=0)
-    dtype: str = arg("auto", "autocast precision; auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, "
-                     "fp32 on CPU and MPS", choices=("auto", *DTYPES))
-    # periodic work (0 = off; each also runs on the last step)
-    val_every: int = arg(250, "validation loss every N steps", at_least=0)
-    val_tokens: int = arg(10485760, "validation tokens per evaluation (a fixed set, whatever the world size); "
-                          "not given: the whole val split, up to this many", at_least=1)
-    hellaswag_every: int = arg(250, "HellaSwag accuracy every N steps", at_least=0)
-    hellaswag_data: str = arg("", "local HellaSwag JSON-lines file (default: the downloaded validation set)")
-    hellaswag_limit: int = arg(0, "score only the first N HellaSwag examples (0 = all 10,042)", at_least=0)
-    sample_every: int = arg(250, "print --num-samples samples every N steps", at_least=0)
-    prompt: str = arg("Hello, I'm a language model,", "what samples continue")
-    num_samples: int = arg(4, "samples each time", at_least=1)
-    sample_tokens: int = arg(32, "new tokens per sample", at_least=1)
-    checkpoint_every: int = arg(1000, "checkpoint every N steps", at_least=0)
-    keep_checkpoints: int = arg(3, "keep the last N checkpoints (0 = all)", at_least=0)
-    # run
-    log_dir: str = arg("log", "folder of log.txt and checkpoints; one run per folder")
-    overwrite: bool = arg(False, "delete another run's log and checkpoints in --log-dir first")
-    tensorboard: bool = arg(False, "also write TensorBoard curves to --log-dir (tensorboard --logdir LOG_DIR)")
-    device: str = arg("auto", "auto, cpu, cuda or mps")
-    compile: bool = arg(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
-    resume: str = arg("", "'auto' (latest checkpoint in --log-dir, if any) or a checkpoint path")
-    eval_only: bool = arg(False, "with --resume or --init-from: validate, run HellaSwag (if on), sample, then exit "
-                          "without writing to --log-dir")
-    export_hf: str = arg("", "after training (or --eval-only), write the model to this folder in Hugging Face format")
-    max_bad_steps: int = arg(5, "stop after this many non-finite losses in a row", at_least=1)
-    # the flags given on the command line (not a flag itself)
-    given: frozenset = field(default=frozenset(), metadata=dict(help=None))
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def make_parser() -> OneLineParser:
-    """A flag per RunConfig field; --help shows each default and the shakespeare preset's value."""
-    parser = OneLineParser(prog="train_gpt2.py", description="Train GPT-2 (the module docstring has the commands). "
-                           "Explicit flags override the preset.")
-    defaults = RunConfig()
-    for f in fields(RunConfig):
-        if f.metadata["help"] is None:
-            continue
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        shown = f"default: {getattr(defaults, f.name)!r}"
-        if f.name in PRESETS["shakespeare"]:
-            shown += f"; shakespeare: {PRESETS['shakespeare'][f.name]!r}"
-        kwargs = dict(default=None, help=f"{meta['help']} ({shown})")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(flag, type=meta["parse"] or f.type, choices=meta["choices"], **kwargs)
-    return parser
-
-
-def parse_args(argv=None) -> RunConfig:
-    """Flags over the preset over the defaults; every value checked against its field's range."""
-    defaults = RunConfig()
-    cli_fields = [f for f in fields(RunConfig) if f.metadata["help"] is not None]
-    given = {k: v for k, v in vars(make_parser().parse_args(argv)).items() if v is not None}
-    preset = given.get("preset") or ("shakespeare" if given.get("input") else defaults.preset)
-    cfg = RunConfig(**{**vars(defaults), **PRESETS[preset], **given, "preset": preset, "given": frozenset(given)})
-    for f in cli_fields:
-        value, meta, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if meta["at_least"] is not None and value < meta["at_least"]:
-            raise ConfigError(f"{flag} {value}: must be at least {meta['at_least']}")
-        if meta["above"] is not None and not value > meta["above"]:
-            raise ConfigError(f"{flag} {value}: must be above {meta['above']}")
-        if meta["below"] is not None and not value < meta["below"]:
-            raise ConfigError(f"{flag} {value}: must be below {meta['below']}")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the heads split the width")
-    if cfg.block_size and cfg.block_size < cfg.seq_len:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds --block-size {cfg.block_size}")
-    if cfg.overwrite and cfg.resume:
-        raise ConfigError("--overwrite deletes the run that --resume would continue: pass one of them")
-    if cfg.eval_only and not cfg.resume and cfg.init_from == "scratch":
-        raise ConfigError("--eval-only needs a model: pass --resume PATH|auto or --init-from")
-    return cfg
-
-
-def check_batch_sizes(cfg: RunConfig, B: int, world_size: int) -> int:
-    """Gradient-accumulation steps, or a ConfigError that proposes valid --total-batch-size values."""
-    per_micro_step = B * cfg.seq_len * world_size
-    if cfg.total_batch_size % per_micro_step:
-        lower = max(1, cfg.total_batch_size // per_micro_step) * per_micro_step
-        raise ConfigError(
-            f"--total-batch-size {cfg.total_batch_size} is not divisible by batch-size x seq-len x processes = "
-            f"{B} x {cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or {lower + per_micro_step}, "
-            f"or change --batch-size"
-        )
-    return cfg.total_batch_size // per_micro_step
-
-
-# -----------------------------------------------------------------------------------------------
-# Training: gradient accumulation, DDP, the loop
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite losses or weights); the message names the last good checkpoint."""
-
-
-def forward_backward(model, optimizer, loader, grad_accum_steps: int, device, autocast, scaler=None):
-    """The gradients of one optimizer step: grad_accum_steps micro-batches of B sequences on this rank.
-    Returns this rank's mean loss as a device tensor (no host sync). bench/train.py times this too."""
-    optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
-        x, y = loader.next_batch(device)
-        # DDP all-reduces (averages) the gradients over the ranks during backward. Only the last
-        # micro-step needs that: before it, no_sync() lets the gradients pile up locally. It has to be
-        # entered before the forward pass, which is where DDP decides.
-        last = micro_step == grad_accum_steps - 1
-        with nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
-            with autocast:
-                _, loss = model(x, y, return_logits=False)
-            # backward adds gradients up; each micro-batch loss is a mean over its B*T tokens, so dividing
-            # by the number of micro-steps makes the sum the gradient of the mean over the whole batch
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-    return loss_accum
-
-
-def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int) -> tuple[int, list]:
-    """--batch-size auto on CUDA: the largest micro-batch that divides per_rank_seqs and trains in the
-    GPU's memory. Tries a forward and backward pass at (B, T) with reserve_bytes (the optimizer's
-    state, not yet allocated) held aside, and halves B on torch.OutOfMemoryError. The passes run
-    uncompiled (which needs more memory than compiled), on zeros, under a forked random state: no
-    weight, data or random number of the run changes, so it trains exactly as with --batch-size B.
-    Returns B and the sizes that did not fit."""
-
-    def fits(B):
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                held = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
-                x = torch.zeros(B, T, dtype=torch.long, device=device)
-                with autocast:
-                    _, loss = model(x, x, return_logits=False)
-                loss.backward()
-                del held, x, loss
-            return True
-        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
-            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower() \
-                    and "ALLOC_FAILED" not in str(e):
-                raise
-            return False
-        finally:
-            model.zero_grad(set_to_none=True)
-
-    B, too_big = per_rank_seqs, []
-    while not fits(B):
-        torch.cuda.empty_cache()  # give back what the failed try reserved
-        too_big.append(B)
-        smaller = [b for b in range(B // 2, 0, -1) if per_rank_seqs % b == 0]
-        if not smaller:
-            raise ConfigError(f"--batch-size auto: not even one sequence of --seq-len {T} fits in GPU memory; "
-                              f"lower --seq-len or train a smaller model")
-        B = smaller[0]
-    torch.cuda.empty_cache()
-    return B, too_big
-
-
-def due(every: int, n: int, last_step: bool) -> bool:
-    """Periodic work (every N steps, 0 = never) runs on multiples of N and on the last step."""
-    return bool(every) and (n % every == 0 or last_step)
-
-
-class Trainer:
-    """One run: what trains, the data it trains on, its run folder and log, and the steps of the loop
-    (validate, hellaswag, sample, train_step, save). It is built in an order that lets every bad flag,
-    folder, checkpoint and data file fail before the model is built (which, compiled, takes a while):
-    precision, run folder, checkpoint, data; then the model, the micro-batch, the optimizer and the
-    resumed state."""
-
-    def __init__(self, cfg: RunConfig, d: Dist, argv: list[str]):
-        self.cfg, self.d = cfg, d
-        self.log = RunLog(None, d.is_main)  # prints only, until the run folder is ready
-        say = self.log.print0
-
-        # precision: the autocast dtype, and a loss scaler for fp16
-        self.dtype = autocast_dtype(d.device, cfg.dtype)
-        self.autocast = autocast_context(d.device_type, self.dtype)
-        self.scaler = grad_scaler(d.device_type, self.dtype)
-        if os.environ.get("TRAIN_GPT2_INIT_SCALE") and self.scaler:  # a test hook (not a flag): force overflows
-            self.scaler = torch.amp.GradScaler(d.device_type, init_scale=float(os.environ["TRAIN_GPT2_INIT_SCALE"]))
-        if d.device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-            torch.backends.cudnn.allow_tf32 = True
-        if d.device_type == "cpu":
-            keep_freed_memory()
-        if cfg.tensorboard:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-        if cfg.export_hf:  # found out now, not after hours of training
-            if os.path.isfile(cfg.export_hf):
-                raise ConfigError(f"--export-hf {cfg.export_hf}: a file, not a folder")
-            try:
-                import transformers  # noqa: F401
-            except ImportError:
-                raise ConfigError("--export-hf needs the transformers package: pip install transformers") from None
-
-        # the run folder: one run, one writer (rank 0); --eval-only writes nothing there
-        folder = RunFolder(cfg.log_dir)
-        if not cfg.eval_only:
-            on_rank0(d, lambda: folder.prepare(bool(cfg.resume), cfg.overwrite))
-
-        # the checkpoint to resume from, read onto the CPU
-        self.resume_path, ckpt = cfg.resume or None, None
-        if cfg.resume == "auto":
-            self.resume_path, ckpt = find_resume_checkpoint(cfg.log_dir, say)
-            if ckpt is None and cfg.eval_only:
-                raise CheckpointError(f"--resume auto: no checkpoint in {cfg.log_dir}")
-            if ckpt is None:
-                say(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
-        elif cfg.resume:
-            ckpt = read_checkpoint(cfg.resume)
-        if ckpt is not None and cfg.eval_only:  # evaluate on the run's own data and sequence length
-            for key in ("input", "data_dir", "seq_len"):
-                if key not in cfg.given and key in ckpt["run_config"]:
-                    setattr(cfg, key, ckpt["run_config"][key])
-
-        # the data: token arrays (shards or a text file), and the HellaSwag examples
-        T = cfg.seq_len
-        if cfg.input:
-            train_ids, val_ids = load_text(cfg.input)
-            train, val = ([train_ids], [f"{cfg.input} (first 90%)"]), ([val_ids], [f"{cfg.input} (last 10%)"])
-            fix = "use a longer text, or lower --seq-len / --total-batch-size"
-        else:
-            train, val = load_shards(cfg.data_dir, "train"), load_shards(cfg.data_dir, "val")
-            fix = "build more data with `python fineweb.py`, or lower --total-batch-size"
-        if cfg.total_batch_size % (T * d.world_size):
-            raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --seq-len x processes = "
-                              f"{T} x {d.world_size}")
-        self.seqs_per_step = cfg.total_batch_size // T
-        if not cfg.eval_only and count_sequences(train[0], T) < self.seqs_per_step:
-            raise DataError(f"{describe(train[1])}: the train split has {count_sequences(train[0], T)} sequences of "
-                            f"T={T} tokens, fewer than the {self.seqs_per_step} one optimizer step needs; {fix}")
-        self.val_seqs = self.plan_validation(val, T) if cfg.val_every else 0
-        self.hellaswag_examples = None
-        if cfg.hellaswag_every:
-            try:
-                self.hellaswag_examples = hellaswag.load_examples(
-                    cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None,
-                    fix="pass --hellaswag-data FILE with a local copy, or --hellaswag-every 0")
-            except hellaswag.HellaSwagError as e:
-                raise ConfigError(f"--hellaswag-every {cfg.hellaswag_every}: {e}") from None
-
-        # the model: the checkpoint's (--eval-only), OpenAI's (--init-from) or a new one. raw_model is
-        # what we save, sample and evaluate: not compiled, not DDP-wrapped
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        if ckpt is not None and cfg.eval_only:
-            self.raw_model = GPT(GPTConfig(**ckpt["model_config"]))
-        elif cfg.init_from == "scratch":
-            self.raw_model = GPT(GPTConfig(block_size=cfg.block_size or T, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                           n_embd=cfg.n_embd, dropout=cfg.dropout))
-        else:
-            try:
-                self.raw_model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-            except (ValueError, OSError) as e:
-                raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
-        if ckpt is not None and not cfg.eval_only:
-            diffs = config_differences(ckpt["model_config"], asdict(self.raw_model.config))
-            if diffs:
-                raise CheckpointError(f"{self.resume_path}: the checkpoint's model differs from this run's: "
-                                      + "; ".join(diffs))
-        if T > self.raw_model.config.block_size:
-            raise ConfigError(f"--seq-len {T} exceeds the model's block_size {self.raw_model.config.block_size}")
-        self.raw_model.to(d.device)
-
-        # the micro-batch (a step's data does not depend on it), the loaders and the optimizer
-        per_rank = self.seqs_per_step // d.world_size
-        if cfg.batch_size != "auto":
-            B = cfg.batch_size
-        elif d.device_type == "cuda":
-            # held aside: AdamW's two fp32 moments, DDP's gradient buckets, and 512 MB for NCCL and the compiler
-            n_params = sum(p.numel() for p in self.raw_model.parameters())
-            reserve = (12 if d.ddp else 8) * n_params + (512 << 20)
-            B, too_big = fit_micro_batch(self.raw_model, per_rank, T, d.device, self.autocast, reserve_bytes=reserve)
-            if d.ddp:  # every rank must use the same B: the smallest that fits everywhere
-                agreed = torch.tensor(B, device=d.device)
-                dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-                B = int(agreed)
-            say(f"--batch-size auto: micro-batch {B}" + (f" (out of memory at {', '.join(map(str, too_big))})"
-                                                          if too_big else ""))
-        else:
-            B = max(b for b in range(1, min(per_rank, NO_PROBE_MICRO_BATCH) + 1) if per_rank % b == 0)
-        self.B, self.grad_accum_steps = B, check_batch_sizes(cfg, B, d.world_size)
-        common = dict(B=B, T=T, seqs_per_step=self.seqs_per_step, rank=d.rank, world_size=d.world_size, seed=cfg.seed)
-        self.train_loader = DataLoader(*train, shuffle=True, **common)
-        self.val_loader = DataLoader(*val, shuffle=False, **common)
-        self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
-
-        # the resumed state: weights, optimizer, loss scale, step, data position and random states
-        self.start_step, self.skipped_total, self.last_val = 0, 0, None
-        if ckpt is not None:
-            self.resume(ckpt)
-            del ckpt
-
-        # what trains: maybe compiled, maybe DDP-wrapped (both share raw_model's weights). The vocabulary
-        # bias is the only buffer and never changes: DDP need not broadcast buffers before each pass
-        # (newer torch names that option forward_sync_buffers).
-        self.use_compile = cfg.compile if cfg.compile is not None else d.device_type == "cuda"
-        self.model = torch.compile(self.raw_model) if self.use_compile else self.raw_model
-        if d.ddp:
-            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-                else "broadcast_buffers"
-            self.model = DDP(self.model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
-                             gradient_as_bucket_view=True, **{no_sync: False})
-
-        if not cfg.eval_only:  # everything checked: now --overwrite may delete the previous run
-            on_rank0(d, lambda: folder.clear(cfg.overwrite, say))
-        self.log = RunLog(None if cfg.eval_only else cfg.log_dir, d.is_main, cfg.tensorboard)
-        self.log.start(run_header(argv, d), resume_step=self.start_step if self.resume_path else None)
-        name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
-        self.peak = peak_flops(name) if self.dtype != torch.float32 else None
-        self.flops_per_token = self.raw_model.flops_per_token(T)
-        self.bad_in_a_row, self.cropped_said = 0, False
-        # a test hook (not a flag): the losses of these steps are made NaN
-        self.nan_steps = {int(s) for s in os.environ.get("TRAIN_GPT2_INJECT_NAN", "").split(",") if s.strip()}
-        say(f"model: {self.raw_model.num_params():,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP per token "
-            f"(6N + 12LCT)")
-        say(f"device: {d.device} x {d.world_size} process(es), autocast: {dtype_name(self.dtype)}"
-            f"{' with loss scaling' if self.scaler else ''}, compile: {self.use_compile}")
-        say(f"batch: {cfg.total_batch_size:,} tokens per step = {B} x {T} x {d.world_size} processes x "
-            f"{self.grad_accum_steps} micro-steps")
-        say(f"data: {self.train_loader.seqs_per_epoch:,} training sequences per epoch "
-            f"({self.train_loader.seqs_per_epoch / self.seqs_per_step:.1f} steps)")
-
-    def plan_validation(self, val, T: int) -> int:
-        """Sequences per validation: --val-tokens when given (at most the split), else the whole split
-        up to the preset's number."""
-        cfg, have = self.cfg, count_sequences(val[0], T)
-        wanted = max(1, cfg.val_tokens // T)
-        if "val_tokens" in cfg.given and wanted > have:
-            raise ConfigError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has {have * T:,} "
-                              f"tokens in sequences of T={T}; pass at most {have * T}, or leave --val-tokens out")
-        if have == 0:
-            raise DataError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower --seq-len, "
-                            f"or --val-every 0 to train without validation")
-        n = min(wanted, have)
-        self.log.print0(f"validation: {n * T:,} tokens" + (" (the whole val split)" if n == have else ""))
-        return n
-
-    def resume(self, ckpt: dict):
-        cfg, d, say = self.cfg, self.d, self.log.print0
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.start_step, self.last_val = ckpt["step"], ckpt.get("val_loss")
-        if cfg.eval_only:
-            say(f"loaded {self.resume_path} (step {self.start_step})")
-            return
-        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
-        for group, settings in zip(self.optimizer.param_groups, ours):  # but weight decay, betas, fused... are
-            group.update(settings)  # this run's, not the checkpoint's
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        saved = ckpt["run_config"]
-        data_keys = ("seed", "seq_len", "total_batch_size", "input", "data_dir")
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-                   for k in data_keys if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            say(f"warning: {', '.join(changed)}: the data order differs from the original run")
-        self.train_loader.load_state_dict(ckpt["train_loader"])
-        if ckpt["world_size"] == d.world_size:
-            set_rng_state(ckpt["rng"][d.rank], d.device_type)
-        else:
-            say(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, optimizer, "
-                f"step and data position are kept (a step's data does not depend on the number of processes); "
-                f"per-process random states are not restored")
-        self.skipped_total = ckpt.get("skipped_steps", 0)
-        say(f"resumed from {self.resume_path} at step {self.start_step}")
-
-    # --- evaluation -------------------------------------------------------------------------------
-
-    def validate(self, step: int):
-        """Validation loss on the fixed val set, through the model that trains (compiled: one shape)."""
-        self.model.eval()
-        self.last_val = validation_loss(self.model, self.val_loader, self.val_seqs, self.d.device, self.autocast,
-                                        self.d.rank, self.d.world_size)
-        self.model.train()
-        self.log.print0(f"step {step:5d} | val loss {self.last_val:.4f}")
-        self.log.record(step, "val", self.last_val)
-
-    def hellaswag(self, step: int):
-        """HellaSwag accuracy, examples split over the ranks, on the raw model (its shapes change with
-        every batch, which a compiled model would recompile for)."""
-        result = hellaswag.evaluate(self.raw_model, self.hellaswag_examples, device=self.d.device,
-                                    batch_size=max(1, self.B // 4), autocast=self.autocast, rank=self.d.rank,
-                                    world_size=self.d.world_size)
-        if result["cropped"] and not self.cropped_said:
-            self.log.print0(f"hellaswag: {result['cropped']} of {result['n']} examples are longer than block_size "
-                            f"{self.raw_model.config.block_size}: their contexts are cropped from the left")
-            self.cropped_said = True
-        self.log.print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
-                        f"({result['correct_norm']}/{result['n']})")
-        self.log.record(step, "hella", result["acc_norm"])
-
-    def sample(self, step: int):
-        """Samples from the raw model; every rank prints its own (different seeds)."""
-        cfg = self.cfg
-        self.raw_model.eval()
-        samples = sample_text(self.raw_model, cfg.prompt, cfg.num_samples, cfg.sample_tokens, self.d.device,
-                              self.autocast, seed=cfg.seed + 1000 * self.d.rank + step)
-        self.raw_model.train()
-        for i, text in enumerate(samples):
-            print(f"rank {self.d.rank} sample {i}: {text!r}", flush=True)
-
-    # --- one optimizer step -------------------------------------------------------------------------
-
-    def train_step(self, step: int, stop: "StopRequest") -> bool:
-        """Forward and backward over this step's micro-batches, clip the gradient, set the learning
-        rate, then update, unless the loss is not finite (in fp16 the scaler also skips a step whose
-        gradients overflowed). Prints the step's line; returns whether any rank was asked to stop."""
-        cfg, d = self.cfg, self.d
-        t0 = time.perf_counter()
-        loss = forward_backward(self.model, self.optimizer, self.train_loader, self.grad_accum_steps, d.device,
-                                self.autocast, self.scaler)
-        if step in self.nan_steps:
-            loss = loss * float("nan")
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        # clipping the gradient's global norm keeps one bad batch from throwing the weights far away
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip or float("inf"))
-        lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # one all-reduce per step, for the log and the stop: the loss averaged over ranks (the gradients
-        # already are), and whether any rank was told to stop, so that all stop after the same step
-        stats = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=d.device)])
-        if d.ddp:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        loss_value, stop_now, norm_value = stats[0].item() / d.world_size, stats[1].item() > 0, norm.item()
-        finite = math.isfinite(loss_value)
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            if finite:
-                self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
-            self.scaler.update()  # lowers the scale after an overflow, raises it after 2,000 clean steps
-            updated = finite and math.isfinite(norm_value)
-            if self.scaler.get_scale() != scale:
-                self.log.print0(f"step {step:5d} | loss scale {scale:g} -> {self.scaler.get_scale():g}"
-                                + ("" if updated or not finite else " (gradients overflowed: update skipped)"))
-                self.log.record(step, "scale", self.scaler.get_scale())
-        else:
-            finite = updated = finite and math.isfinite(norm_value)
-            if updated:
-                self.optimizer.step()
-        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-        if not finite:  # the update was skipped: the weights are those before the step
-            self.skipped_total += 1
-            self.log.record(step, "skipped", self.skipped_total)
-            self.log.print0(f"step {step:5d} | non-finite loss {loss_value} / grad norm {norm_value}: update skipped "
-                            f"({self.bad_in_a_row} in a row, {self.skipped_total} in all)")
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {step}: stopping. "
-                                    f"{self.last_good()}; lower --max-lr or raise --warmup-steps, then --resume auto")
-        # a huge learning rate can break the weights with finite gradients: one fused norm over all of them
-        if updated and not math.isfinite(torch.nn.utils.get_total_norm(list(self.raw_model.parameters())).item()):
-            raise TrainingError(f"step {step}: the update made the weights non-finite or too large for fp32 "
-                                f"(--max-lr {cfg.max_lr} too high?); {self.last_good()}")
-        synchronize(d.device)  # the clock measures finished work, not queued kernels
-        dt = time.perf_counter() - t0
-        tokens_per_sec = cfg.total_batch_size / dt
-        mfu = self.flops_per_token * tokens_per_sec / d.world_size / self.peak if self.peak else None
-        self.log.print0(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                        f"dt {1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}"
-                        + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
-        self.log.record(step, "train", loss_value)
-        self.log.scalars(step, lr=lr, grad_norm=norm_value if math.isfinite(norm_value) else None,
-                         tokens_per_sec=tokens_per_sec, mfu=mfu)
-        return stop_now
-
-    def last_good(self) -> str:
-        path = latest_checkpoint(self.cfg.log_dir)
-        return f"the last good checkpoint is {path}" if path else "no checkpoint was saved"
-
-    # --- checkpoints and export -------------------------------------------------------------------
-
-    def save(self, done: int):
-        """A checkpoint after `done` steps: every rank's random state is gathered; rank 0 writes."""
-        d = self.d
-        rngs = [None] * d.world_size
-        if d.ddp:
-            dist.all_gather_object(rngs, rng_state(d.device_type))
-        else:
-            rngs[0] = rng_state(d.device_type)
-        state = None
-        if d.is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": done,
-                "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "train_loader": self.train_loader.state_dict(), "rng": rngs,
-                "model_config": asdict(self.raw_model.config), "run_config": asdict(self.cfg),
-                "world_size": d.world_size, "val_loss": self.last_val, "skipped_steps": self.skipped_total}
-        t0 = time.perf_counter()
-        on_rank0(d, lambda: save_checkpoint(self.cfg.log_dir, state, keep=self.cfg.keep_checkpoints))  # all wait
-        self.log.print0(f"saved {checkpoint_path(self.cfg.log_dir, done)} ({time.perf_counter() - t0:.2f}s)")
-
-    def export(self):
-        if self.cfg.export_hf and self.d.is_main:
-            self.raw_model.export_hf(self.cfg.export_hf)
-            self.log.print0(f"exported the model in Hugging Face format to {self.cfg.export_hf}")
-
-
-def train(cfg: RunConfig, d: Dist, argv: list[str]):
-    run = Trainer(cfg, d, argv)
-    if cfg.eval_only:
-        if cfg.val_every:
-            run.validate(run.start_step)
-        if cfg.hellaswag_every:
-            run.hellaswag(run.start_step)
-        run.sample(run.start_step)
-        run.export()
-        return
-    stop = StopRequest()
-    stop.install()
-    try:
-        for step in range(run.start_step, cfg.max_steps):
-            last_step = step == cfg.max_steps - 1
-            # evaluation comes before the step: at step 0 it shows the untrained model (loss ln 50257 = 10.8).
-            # Asked to stop, the run skips it: torchrun allows 30 s between its SIGTERM and a SIGKILL.
-            evaluate = not stop.requested
-            if evaluate and due(cfg.val_every, step, last_step):
-                run.validate(step)
-            if evaluate and due(cfg.hellaswag_every, step, last_step):
-                run.hellaswag(step)
-            if evaluate and due(cfg.sample_every, step, last_step) and step > 0:
-                run.sample(step)
-            stop_now = run.train_step(step, stop)  # a step under way when a signal comes is finished
-            # no periodic checkpoint during a run of non-finite losses: keep the last good ones on disk
-            if stop_now or (due(cfg.checkpoint_every, step + 1, last_step) and run.bad_in_a_row == 0):
-                run.save(step + 1)
-            if stop_now:
-                run.log.print0(f"stopped by signal after step {step}; continue with --resume auto")
-                return
-    finally:
-        run.log.close()  # TensorBoard's last points too, whatever ends the run
-    if run.bad_in_a_row:
-        raise TrainingError(f"the last step ({cfg.max_steps - 1}) was skipped: its loss was not finite; "
-                            f"{run.last_good()}")
-    run.export()
+def compile_default(device_type: str, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """Whether to torch.compile when --compile is not given, and why not on a GPU: on for CUDA GPUs of
+    compute capability 7.0 and up, the oldest that the compiler's GPU backend (Triton) supports; a GTX
+    10xx, P100 or P40 (6.x) would fail at the first step, so it runs eager."""
+    if device_type != "cuda":
+        return False, ""
+    if capability < (7, 0):
+        return False, f" (Triton needs compute capability 7.0, this GPU has {capability[0]}.{capability[1]})"
+    return True, ""
+
+
+def compile_choice(cfg: RunConfig, d: Dist) -> tuple[bool, str]:
+    if cfg.compile is not None:
+        return cfg.compile, ""
+    capability = torch.cuda.get_device_capability(d.device) if d.device_type == "cuda" else None
+    return compile_default(d.device_type, capability)
+
+
+# DDP's option to broadcast buffers before each forward pass (newer torch names it forward_sync_buffers)
+DDP_BUFFER_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+    else "broadcast_buffers"
+
+
+def make_deterministic():
+    """--deterministic: the same command gives the same losses to the bit. Runs before the first CUDA call.
+
+    CPU: torch's matmuls run in MKL, whose dynamic threading may use fewer threads when the machine
+    is busy, which changes the order of the sums (busy 2-core machines: losses of one command differed
+    by up to 3e-5). torch.set_num_threads switches that off (at::set_num_threads calls
+    mkl_set_dynamic(false)). CUDA: cuBLAS's workspaces and kernels with atomic adds reorder sums too;
+    torch then takes deterministic kernels where it has them and warns for an operation without one."""
+    torch.set_num_threads(torch.get_num_threads())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+# ------------------------------------------------------------------------------------------------
+# --eval-only and main()
+
+
+def evaluate_only(cfg: RunConfig, d: Dist, prep: Prepared):
+    """--eval-only: the validation loss, HellaSwag and samples of a checkpoint (--resume) or a
+    pretrained model (--init-from), then --export-hf; nothing is written to --log-dir."""
+    if prep.ckpt is not None:
+        model, step = model_from_checkpoint(prep.ckpt), prep.ckpt["step"]
+        print0(f"loaded {prep.ckpt_path} (step {step})")
+    else:
+        model, step = load_model(cfg.init_from), 0
+    model.to(d.device).eval()
+    autocast = autocast_context(d.device_type, prep.dtype)
+    log = RunLog(None)  # prints only
+    if cfg.val_every:
+        B = NO_PROBE_MICRO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
+        loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size, shuffle=False)
+        val_loss = validation_loss(model, loader, prep.val_seqs, d.device, autocast)
+        log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
+    if cfg.hellaswag_every:
+        result = hellaswag.evaluate(model, prep.hellaswag, device=d.device, autocast=autocast, rank=d.rank,
+                                    world_size=d.world_size)
+        log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
+    for i, text in enumerate(sample_text(model, cfg.prompt, cfg.num_samples, cfg.sample_tokens, d.device,
+                                         autocast, seed=cfg.seed + 1000 * d.rank + step)):
+        print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
+    export(model, cfg, d)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     d = None
     try:
         cfg = parse_args(argv)
+        if cfg.deterministic:
+            make_deterministic()
         d = setup_distributed(cfg.device)
-        train(cfg, d, ["train_gpt2.py", *argv])
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        if d.device_type == "cpu":
+            keep_freed_memory()
+        prep = preflight(cfg, d)
+        (evaluate_only if cfg.eval_only else train)(cfg, d, prep)
+    except UserError as e:
         # an error every rank shares (on_rank0) is printed once
         if d is None or d.is_main or not isinstance(e, (ConfigError, CheckpointError)):
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)

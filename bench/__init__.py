@@ -6,3 +6,15 @@ Run them from the repository root as modules (so that `import train_gpt2` finds 
     python -m bench.hellaswag   batched HellaSwag scoring vs one example at a time
     python -m bench.generate    generation with vs without the key/value cache
 """
+import time
+
+
+def timed(fn, device):
+    """(fn(), seconds), with the device's queued work finished before each clock read."""
+    from train_gpt2 import synchronize
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0

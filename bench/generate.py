@@ -10,21 +10,11 @@ produce the same tokens and prints tokens/s of each and the speed-up.
 """
 import argparse
 import statistics
-import time
 
 import torch
 
+from bench import timed
 from train_gpt2 import GPT, GPTConfig
-
-
-def timed(fn, device_type):
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -42,7 +32,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = GPT.from_pretrained(args.model) if args.model else GPT(GPTConfig())
     model = model.to(args.device).eval()
-    device_type = torch.device(args.device).type
+    device = torch.device(args.device)
     idx = torch.tensor([gpt2_tokenizer().encode(args.prompt)] * args.batch, device=args.device)
     results = {True: [], False: []}
     outputs = {}
@@ -50,7 +40,7 @@ def main(argv=None):
         for use_cache in (True, False):
             g = torch.Generator(device=args.device).manual_seed(1)
             out, dt = timed(lambda: model.generate(idx, args.new_tokens, top_k=50, generator=g, use_cache=use_cache),
-                            device_type)
+                            device)
             results[use_cache].append(args.batch * args.new_tokens / dt)
             outputs[use_cache] = out
     same = torch.equal(outputs[True], outputs[False])

@@ -27,15 +27,29 @@ predictions identical in all (max |difference| of summed losses 9e-5 and 1.8e-4)
 import argparse
 import contextlib
 import os
-import time
 
 import torch
 from torch.nn import functional as F
 
 import hellaswag
-from train_gpt2 import GPT, GPTConfig, load_model_from_checkpoint
+from bench import timed
+from train_gpt2 import GPT, GPTConfig, load_model
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "hellaswag_val.jsonl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "hellaswag_val.jsonl")  # ../shared beside it
+
+
+def rows(rendered: hellaswag.Rendered):
+    """The straightforward layout of an example: tokens (4, T), one row of context + ending per ending,
+    right-padded with 0, and mask (4, T), 1 over the ending's tokens (the ones scored)."""
+    T = len(rendered.ctx) + max(len(e) for e in rendered.endings)
+    tokens = torch.zeros(hellaswag.NUM_ENDINGS, T, dtype=torch.long)
+    mask = torch.zeros(hellaswag.NUM_ENDINGS, T, dtype=torch.long)
+    for i, end in enumerate(rendered.endings):
+        row = rendered.ctx + end
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, len(rendered.ctx) : len(row)] = 1
+    return tokens, mask
 
 
 @torch.no_grad()
@@ -43,7 +57,7 @@ def score_one_at_a_time(model, examples, device, autocast):
     """(n, 4) summed and mean cross-entropy, one example (four padded rows) per forward pass."""
     sums, means = [], []
     for example in examples:
-        tokens, mask = hellaswag.render_example(example).rows()  # (4, T) each
+        tokens, mask = rows(hellaswag.render_example(example))  # (4, T) each
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast:
             logits, _ = model(tokens)  # (4, T, vocab_size): every position
@@ -56,20 +70,7 @@ def score_one_at_a_time(model, examples, device, autocast):
     return torch.stack(sums), torch.stack(means)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("-m", "--model", default=None, help="Hugging Face GPT-2 name or local directory")
@@ -85,12 +86,12 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--repeat", type=int, default=1, help="time each scorer this many times, keep the best")
     parser.add_argument("--skip-naive", action="store_true", help="time evaluate() only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.checkpoint:
-        model, name = load_model_from_checkpoint(args.checkpoint, device), args.checkpoint
+        model, name = load_model(args.checkpoint, device), args.checkpoint
     elif args.model:
         model, name = GPT.from_pretrained(args.model), args.model
     elif args.full_124m:

@@ -66,7 +66,7 @@ def random_loader(B, T, grad_accum=1, n_batches=8, seed=0) -> train_gpt2.DataLoa
     served again and again."""
     n_seqs = n_batches * B * grad_accum
     tokens = np.random.default_rng(seed).integers(0, train_gpt2.GPT2_VOCAB_SIZE, n_seqs * T + 1, dtype=np.uint16)
-    return train_gpt2.DataLoader([tokens], ["random tokens"], B=B, T=T, seqs_per_step=B * grad_accum, seed=seed)
+    return train_gpt2.DataLoader([tokens], ["random tokens"], B=B, T=T, grad_accum_steps=grad_accum, seed=seed)
 
 
 class HFPeer(nn.Module):
@@ -134,9 +134,9 @@ class Contender:
 
     def step(self):
         """One optimizer step, as train_gpt2.train takes it."""
-        forward_backward = train_gpt2.forward_backward
-        forward_backward(self.model, self.optimizer, self.loader, self.args.grad_accum, self.d.device, self.autocast,
-                         self.scaler)
+        self.optimizer.zero_grad(set_to_none=True)
+        train_gpt2.forward_backward(self.model, self.loader, self.args.grad_accum, self.d.device, self.autocast,
+                                    self.scaler)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -149,10 +149,10 @@ class Contender:
     def run_steps(self, n, record=True):
         times = []
         for _ in range(n):
-            synchronize(self.d)
+            train_gpt2.synchronize(self.d.device)
             t0 = time.perf_counter()
             self.step()
-            synchronize(self.d)
+            train_gpt2.synchronize(self.d.device)
             times.append(time.perf_counter() - t0)
         if record:
             self.step_times += times
@@ -166,10 +166,6 @@ class Contender:
         return sum(storages.values())
 
 
-def synchronize(d: Dist):
-    train_gpt2.synchronize(d.device)
-
-
 # -----------------------------------------------------------------------------------------------
 # Measuring
 
@@ -180,7 +176,7 @@ def measure(contenders, args, d: Dist):
     fails (say, out of GPU memory) is reported as such; the others go on."""
     for c in contenders:
         try:
-            synchronize(d)
+            train_gpt2.synchronize(d.device)
             t0 = time.perf_counter()
             c.run_steps(1, record=False)
             c.first_step_s = time.perf_counter() - t0
@@ -219,7 +215,7 @@ class PeakMemory:
         self.d = d
 
     def __enter__(self):
-        synchronize(self.d)
+        train_gpt2.synchronize(self.d.device)
         if self.d.device_type == "cuda":
             self.start = torch.cuda.memory_allocated(self.d.device)
             torch.cuda.reset_peak_memory_stats(self.d.device)
@@ -228,7 +224,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        synchronize(self.d)
+        train_gpt2.synchronize(self.d.device)
         if self.d.device_type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.d.device)
         elif self.start is not None:

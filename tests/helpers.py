@@ -18,18 +18,21 @@ def env1():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train_cmd(*args, nproc=1):
+def train_cmd(*args, nproc=1, patched=False):
+    """The command of train_gpt2.py; patched: through tests/patched_train.py (PATCH_* variables)."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + [os.path.join(ROOT, "train_gpt2.py"), *args]
+    script = os.path.join(ROOT, "tests", "patched_train.py") if patched else os.path.join(ROOT, "train_gpt2.py")
+    return launcher + [script, *args]
 
 
-def run_train(*args, nproc=1, check=True, timeout=600, nan_steps="", extra_env=None):
-    """train_gpt2.py in a fresh process; nan_steps ("3,5") makes those steps' losses NaN (a test hook)."""
-    env = {**env1(), "TRAIN_GPT2_INJECT_NAN": nan_steps, **(extra_env or {})}
-    p = subprocess.run(train_cmd(*args, nproc=nproc), cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+def run_train(*args, nproc=1, check=True, timeout=600, extra_env=None, **patches):
+    """train_gpt2.py in a fresh process. patches: nan_steps="3,5", init_scale=2**23, sigterm_at=30,
+    no_bpe_wheel=1 (see tests/patched_train.py)."""
+    env = {**env1(), **(extra_env or {}), **{f"PATCH_{k.upper()}": str(v) for k, v in patches.items()}}
+    p = subprocess.run(train_cmd(*args, nproc=nproc, patched=bool(patches)), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train_gpt2.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

@@ -138,12 +138,12 @@ def test_keep_last_checkpoints(tmp_path):
     ckpt = tg.read_checkpoint(tg.latest_checkpoint(str(tmp_path)))
     assert ckpt["step"] == 10 and ckpt["world_size"] == 1 and ckpt["train_loader"]["position"] == 10 * 8
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-    model = tg.load_model_from_checkpoint(tg.latest_checkpoint(str(tmp_path)))
+    model = tg.load_model(tg.latest_checkpoint(str(tmp_path)))
     assert model.config.n_layer == 2
 
 
 def test_nan_loss_is_skipped_and_counted(tmp_path):
-    p = run_train(*ARGS, "--max-steps", "8", "--log-dir", str(tmp_path), nan_steps="3")
+    p = run_train(*ARGS, "--max-steps", "8", "--log-dir", str(tmp_path), nan_steps=3)
     assert "update skipped" in p.stdout
     records = read_log(tmp_path)
     assert (3, "skipped", 1.0) in records
@@ -176,3 +176,22 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     p = run_train(*ARGS, "--max-steps", "3", "--n-layer", "3", "--resume", str(good), "--log-dir", str(tmp_path / "y"),
                   check=False)
     assert p.returncode == 1 and "n_layer: checkpoint 2, now 3" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_deterministic_runs_repeat_to_the_bit_with_the_default_threads(tmp_path):
+    """--deterministic with torch's own number of threads (not the tests' one): two runs of a command
+    log the same losses to the bit, and a run stopped by SIGTERM then resumed equals them."""
+    env = {k: v for k, v in env1().items() if k != "OMP_NUM_THREADS"}
+    args = [*TINY, "--batch-size", "8", "--max-steps", "40", "--val-every", "10", "--checkpoint-every", "10",
+            "--deterministic"]
+
+    def run(name, *extra, **patches):
+        return run_train(*args, "--log-dir", str(tmp_path / name), *extra, extra_env=env, **patches)
+
+    run("a")
+    run("b")
+    assert_same_records(tmp_path / "a", tmp_path / "b")
+    p = run("c", sigterm_at=17)
+    assert "stopped by signal after step 17" in p.stdout
+    run("c", "--resume", "auto")
+    assert_same_records(tmp_path / "a", tmp_path / "c")

@@ -546,7 +546,7 @@ def test_unwritable_out_dir(documents, tmp_path):
 def test_numeric_flags_have_ranges(documents, tmp_path, flag, value, allowed):
     jsonl = write_jsonl(tmp_path / "d.jsonl", documents[:20])
     result = cli("--dataset", jsonl, "--out-dir", tmp_path / "out", flag, value)
-    assert_error(result, f"{flag} must be an integer {allowed}", f"got {value:,}")
+    assert_error(result, f"argument {flag}: must be an integer {allowed}", f"got {value:,}")
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -167,7 +167,9 @@ def test_rendering_and_mask():
     r = hellaswag.render_example(example)
     assert r.ctx == enc.encode("A man is sitting on a roof. he") and r.label == 3
     assert r.endings[1] == enc.encode(" is ripping tiles off.")
-    tokens, mask = r.rows()
+    from bench.hellaswag import rows
+
+    tokens, mask = rows(r)  # the straightforward layout that bench/hellaswag.py scores
     for i, end in enumerate(r.endings):
         row = r.ctx + end
         assert tokens[i, : len(row)].tolist() == row and tokens[i, len(row) :].eq(0).all()
@@ -284,8 +286,9 @@ def test_cli_errors_are_one_line(tmp_path, hf_dir_512, shared_data):
         (["--checkpoint", str(bad_ckpt), *data], "not a readable checkpoint"),
         (["--checkpoint", str(tmp_path / "missing.pt"), *data], "no such checkpoint file"),
         (["-m", "not-a-gpt2-model", *data], "cannot load model 'not-a-gpt2-model'"),
-        (["-m", hf_dir_512, "--data", val_path(shared_data), "--limit", "-1"], "--limit -1: must be at least 0"),
-        (["-m", hf_dir_512, *data, "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["-m", hf_dir_512, "--data", val_path(shared_data), "--limit", "-1"],
+         "argument --limit: must be an integer of at least 0, got -1"),
+        (["-m", hf_dir_512, *data, "--batch-size", "0"], "argument --batch-size: must be an integer of at least 1, got 0"),
         (["-m", hf_dir_512, *data, "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (["-m", hf_dir_512, *data, "--device", "tpu"], "--device tpu: use auto, cpu, cuda, cuda:N or mps"),
     ]

@@ -32,7 +32,7 @@ def executed(tmp_path_factory, shared_data):
     run_train(*TINY, "--batch-size", "8", "--max-steps", "20", "--val-every", "5", "--checkpoint-every", "10",
               "--hellaswag-every", "10", "--hellaswag-limit", "8", "--block-size", "256",
               "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(log_dir),
-              nan_steps="7")
+              nan_steps=7)
     nb = read_notebook()
     with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
         mp.setenv("LOG_DIR", str(log_dir))

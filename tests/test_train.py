@@ -30,8 +30,9 @@ def test_lr_schedule():
 # --- loader --------------------------------------------------------------------------------------
 
 def make_loader(arrays, B, world_size=1, rank=0, seqs_per_step=8, seed=0, shuffle=True, T=4):
-    return tg.DataLoader(arrays, [f"a{i}" for i in range(len(arrays))], B=B, T=T, seqs_per_step=seqs_per_step,
-                         rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+    return tg.DataLoader(arrays, [f"a{i}" for i in range(len(arrays))], B=B, T=T,
+                         grad_accum_steps=seqs_per_step // (B * world_size), rank=rank, world_size=world_size,
+                         seed=seed, shuffle=shuffle)
 
 
 def shards_with_ids(lengths, T=4):
@@ -230,7 +231,7 @@ def test_ddp_and_micro_batches_give_the_same_losses(tmp_path):
     run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "small"))  # 1 process, 4 micro-steps
     run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)  # 2 ranks x 2 micro-steps
     ref = read_log(tmp_path / "one")
-    assert [k for _, k, _ in ref].count("train") == 5 and [k for _, k, _ in ref].count("val") == 3  # steps 0, 2, 4
+    assert [k for _, k, _ in ref].count("train") == 5 and [k for _, k, _ in ref].count("val") == 4  # 0, 2, 4, 5
     for other in ("small", "ddp"):
         got = read_log(tmp_path / other)
         assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in ref]
@@ -247,7 +248,7 @@ def test_compiled_run_with_validation_hellaswag_and_sampling(tmp_path, shared_da
     kinds = [k for _, k, _ in records]
     assert kinds.count("train") == 4 and kinds.count("val") == 3 and kinds.count("hella") == 3
     assert "compile: True" in p.stdout
-    assert p.stdout.count("sample 0:") == 2  # steps 2 and 3 (the last)
+    assert p.stdout.count("sample 0:") == 2  # steps 2 and 4 (the last: the weights after 4 updates)
 
 
 def test_shakespeare_preset_learns(tmp_path):
@@ -258,7 +259,7 @@ def test_shakespeare_preset_learns(tmp_path):
               "--sample-every", "0",
               "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
     val = read_log(tmp_path / "s", "val")
-    assert val[0] > 10.5 and val[29] < val[0] - 2.0, val
+    assert val[0] > 10.5 and val[30] < val[0] - 2.0, val
 
 
 def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
@@ -277,7 +278,7 @@ def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
     run_train(*[a for a in TINY if a not in ("--input",) and not a.endswith("tinyshakespeare.txt")],
               "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8",
               "--log-dir", str(tmp_path / "l"))
-    assert len(read_log(tmp_path / "l", "val")) == 2
+    assert sorted(read_log(tmp_path / "l", "val")) == [0, 2, 3]
 
 
 # --- precision, peak FLOP/s, the micro-batch probe (the GPU paths, as far as a CPU can show them) ---
@@ -379,9 +380,8 @@ def test_fp16_trains_on_cpu_through_overflows(tmp_path):
     """--dtype fp16 with a GradScaler, on a CPU. A first loss scale of 2**23 makes the fp16 gradients
     overflow: the scaler skips those updates (the validation loss does not move) and halves the
     scale, which is logged; none of this counts as a bad step, and training then goes on."""
-    env = {"TRAIN_GPT2_INIT_SCALE": str(2.0**23)}
     p = run_train(*TINY, "--dtype", "fp16", "--max-steps", "12", "--val-every", "1", "--max-lr", "3e-3",
-                  "--log-dir", str(tmp_path), extra_env=env)
+                  "--log-dir", str(tmp_path), init_scale=2.0**23)
     assert "autocast: fp16 with loss scaling" in p.stdout
     scales = read_log(tmp_path, "scale")
     assert len(scales) >= 2 and all(b == a / 2 for a, b in zip(list(scales.values()), list(scales.values())[1:]))
@@ -400,3 +400,89 @@ def test_help_and_readme_name_the_same_flags():
     assert len(flags) > 30
     missing = [f for f in flags if f not in readme]
     assert not missing, f"flags of train_gpt2.py --help that the README does not mention: {missing}"
+
+
+# --- GPU readiness, as far as a CPU can show it -----------------------------------------------------
+
+def test_compile_default_follows_the_gpus_compute_capability():
+    """Triton, the compiler's GPU backend, needs compute capability 7.0: older GPUs run eager by default."""
+    assert tg.compile_default("cuda", (9, 0)) == (True, "") and tg.compile_default("cuda", (7, 0)) == (True, "")
+    off, why = tg.compile_default("cuda", (6, 1))  # a GTX 1080, P40
+    assert not off and why == " (Triton needs compute capability 7.0, this GPU has 6.1)"
+    assert tg.compile_default("cpu") == (False, "") and tg.compile_default("mps") == (False, "")
+
+
+def test_compiled_model_sees_one_layout_and_two_graphs():
+    """Training and validation batches are contiguous, so the compiled model makes one graph for
+    training and one for validation (eval mode, no grad), and no third one for a new memory layout
+    (with training batches as strided views of one (B, T + 1) block, there were 3)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    raw = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = torch.compile(raw)
+    arrays, _ = shards_with_ids([2000])
+    train = make_loader(arrays, B=4, T=16, seqs_per_step=8)
+    val = make_loader(arrays, B=4, T=16, seqs_per_step=8, shuffle=False)
+    x, y = train.batch([0, 1, 2, 3])
+    assert x.is_contiguous() and y.is_contiguous() and torch.equal(x[:, 1:], y[:, :-1])
+    torch._dynamo.utils.counters.clear()
+    for _ in range(2):  # as in the loop: validation (at step 0 first), then training
+        model.eval()
+        tg.validation_loss(model, val, 6, "cpu", contextlib.nullcontext())  # 4 + 2 padded
+        model.train()
+        tg.forward_backward(model, train, train.grad_accum_steps, torch.device("cpu"), contextlib.nullcontext())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2, dict(torch._dynamo.utils.counters["stats"])
+
+
+def test_ddp_wraps_the_model_before_compiling_and_equals_one_process(tmp_path):
+    args = [*TINY, "--compile", "--max-steps", "3", "--val-every", "3"]
+    run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))
+    p = run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)
+    assert "compile: True" in p.stdout
+    ref, got = read_log(tmp_path / "one"), read_log(tmp_path / "ddp")
+    assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in ref]
+    for (s, k, a), (_, _, b) in zip(ref, got):
+        assert abs(a - b) < 2e-5, (s, k, a, b)
+
+
+def test_the_last_evaluation_scores_the_saved_weights(tmp_path):
+    """Validation runs after the last update too, and the last checkpoint holds what it scored:
+    --eval-only on that checkpoint prints the last validation loss of log.txt."""
+    d = tmp_path / "run"
+    run_train(*TINY, "--batch-size", "8", "--max-steps", "6", "--val-every", "4", "--checkpoint-every", "6",
+              "--log-dir", str(d))
+    val = read_log(d, "val")
+    assert sorted(val) == [0, 4, 6]
+    ckpt = tg.read_checkpoint(tg.latest_checkpoint(str(d)))
+    assert ckpt["step"] == 6 and ckpt["val_loss"] == val[6]
+    p = run_train("--eval-only", "--resume", "auto", "--log-dir", str(d), "--device", "cpu", "--val-every", "1",
+                  "--hellaswag-every", "0", "--num-samples", "1", "--sample-tokens", "2")
+    assert f"step     6 | val loss {val[6]:.4f}" in p.stdout
+
+
+@pytest.mark.parametrize("preset, hf_shape", [
+    ("gpt2-124m", (12, 12, 768)), ("gpt2-350m", (24, 16, 1024)), ("gpt2-774m", (36, 20, 1280)),
+    ("gpt2-1558m", (48, 25, 1600)),
+])
+def test_miniseries_presets_have_gpt2s_shapes_and_pass_preflight(preset, hf_shape, tmp_path, shared_data):
+    """Each preset's model has the parameters of Hugging Face's GPT-2 of that size (both built on the
+    meta device: no memory, no download), and its command line passes every start-up check."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = tg.parse_args(["--preset", preset, "--data-dir", str(tmp_path / "shards"), "--log-dir",
+                         str(tmp_path / "log"), "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"),
+                         "--device", "cpu"])
+    n_layer, n_head, n_embd = hf_shape
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == hf_shape
+    with torch.device("meta"):
+        ours = tg.GPT(tg.GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    padding_rows = (ours.config.padded_vocab_size - ours.config.vocab_size) * n_embd  # ours alone, never used
+    assert ours.num_params() - padding_rows == sum(p.numel() for p in hf.parameters())
+    # one optimizer step of data (1,024 sequences for 1558M) and a val shard, then the checks
+    write_shards(str(tmp_path / "shards"), n_train=1, tokens=cfg.total_batch_size + 2 * cfg.seq_len)
+    prep = tg.preflight(cfg, tg.setup_distributed("cpu"))
+    assert tg.count_sequences(prep.train[0], cfg.seq_len) * cfg.seq_len >= cfg.total_batch_size
+    assert prep.val_seqs >= 1 and len(prep.hellaswag) == 10042
