@@ -380,10 +380,10 @@ def main(argv=None):
     d = None
     try:
         d = tg.setup_distributed(args.device)
+        dtype = tg.autocast_dtype(d.device, args.dtype)
         examples = load_examples(args.data, split=args.split, limit=args.limit)
         source = args.checkpoint or args.model
         model = tg.load_model(source, d.device)
-        dtype = tg.autocast_dtype(d.device, args.dtype)
         tg.print0(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, device "
                   f"{d.device} ({tg.dtype_name(dtype)}), {d.world_size} process(es)")
         t0 = time.time()
@@ -399,8 +399,12 @@ def main(argv=None):
             atomic_write(args.out, lambda f: f.write(json.dumps(record).encode()))
         tg.print0(summary(result, args.split))
     except (UserError, OSError, ValueError) as e:
-        print(f"hellaswag.py: error: {e}", file=sys.stderr)
+        if d is None or d.is_main or not isinstance(e, UserError):  # ranks share bad input
+            print(f"hellaswag.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("hellaswag.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         tg.cleanup_distributed()
 

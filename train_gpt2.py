@@ -165,9 +165,9 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         # Speed: 0 for real tokens, -inf for the padded rows, added inside the lm_head matmul. The
         # padded logits get zero probability, so the softmax is exactly the one over the real
-        # vocabulary, with no slicing copy of the (B*T, 50304) logits before the loss: the shakespeare
-        # preset's step is 1.11x faster than with the slice (2-core CPU, 20 alternating rounds,
-        # quartiles 1.06-1.14x). Not saved: it follows from the config.
+        # vocabulary, with no slicing copy of the (B*T, 50304) logits before the loss: the
+        # shakespeare preset's step is 1.11x faster than with the slice (2-core CPU, 20 alternating
+        # rounds, quartiles 1.06-1.14x). Not saved: it follows from the config.
         vocab_bias = torch.zeros(config.padded_vocab_size)
         vocab_bias[config.vocab_size :] = float("-inf")
         self.register_buffer("vocab_bias", vocab_bias, persistent=False)
@@ -197,8 +197,8 @@ class GPT(nn.Module):
         if pos is None:
             if past + T > self.config.block_size:
                 bs = self.config.block_size
-                raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size {bs}: "
-                                 f"crop the input to the last {bs} tokens")
+                raise ValueError(f"sequence of {past + T} tokens is longer than the model's "
+                                 f"block_size {bs}: crop the input to the last {bs} tokens")
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         # with explicit position ids (packed rows), the position table bounds the positions, not T
         x = self.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
@@ -309,7 +309,7 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir!r} is neither a local directory nor one of {names}")
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: a Hugging Face GPT-2 folder needs it")
+            raise FileNotFoundError(f"{config_path} not found: a Hugging Face folder needs it")
         with open(config_path) as f:
             hf = json.load(f)
         model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
@@ -334,11 +334,11 @@ class GPT(nn.Module):
         with torch.no_grad():
             for k, dst in ours.items():
                 src = hf_sd[k].t() if k.endswith(HF_CONV1D_WEIGHTS) else hf_sd[k]
-                want = (V, dst.shape[1]) if k == "wte.weight" else dst.shape  # padded rows are ours alone
+                want = (V, dst.shape[1]) if k == "wte.weight" else dst.shape  # padding: ours alone
                 if tuple(src.shape) != tuple(want):
                     raise ValueError(f"shape mismatch for tensor {k!r}: checkpoint has "
-                                     f"{tuple(src.shape)}, model expects {tuple(want)} (check n_layer, "
-                                     f"n_head, n_embd, n_positions, vocab_size in config.json)")
+                                     f"{tuple(src.shape)}, model expects {tuple(want)} (check the "
+                                     f"sizes in config.json)")
                 if k == "wte.weight":
                     dst.zero_()
                     dst[:V].copy_(src)
@@ -440,19 +440,20 @@ def find_shards(data_dir: str, split: str) -> list[str]:
 
 
 def open_shard(path: str) -> np.ndarray:
-    """Memory-map a shard and check it: 1-D uint16, and a sample of its ids < 50257 (the loader checks
-    every id it reads)."""
+    """Memory-map a shard and check it: 1-D uint16, and a sample of its ids < 50257 (the loader
+    checks every id it reads)."""
     fix = "rebuild it with `python fineweb.py` (or delete it)"
     try:
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:  # truncated file, bad header, not a .npy at all
         raise DataError(f"{path}: unreadable shard ({e}); {fix}") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise DataError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, expected 1-D "
-                        f"uint16; {fix}")
+        raise DataError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, "
+                        f"expected 1-D uint16; {fix}")
     sample = np.concatenate([tokens[: 1 << 16], tokens[:: max(1, len(tokens) // (1 << 16))]])
     if len(sample) and int(sample.max()) >= GPT2_VOCAB_SIZE:
-        raise DataError(f"{path}: token id {int(sample.max())} >= {GPT2_VOCAB_SIZE}: not GPT-2 tokens; {fix}")
+        raise DataError(f"{path}: token id {int(sample.max())} >= {GPT2_VOCAB_SIZE}: not GPT-2 "
+                        f"tokens; {fix}")
     return tokens
 
 
@@ -481,7 +482,8 @@ class DataLoader:
     them starting at (m * world_size + r) * B. So the data of a step depends on the seed, T and N
     only, never on B or the number of ranks, and `state_dict()` is one integer."""
 
-    def __init__(self, arrays, names, B, T, grad_accum_steps=1, rank=0, world_size=1, seed=0, shuffle=True):
+    def __init__(self, arrays, names, B, T, grad_accum_steps=1, rank=0, world_size=1, seed=0,
+                 shuffle=True):
         self.arrays, self.names = list(arrays), list(names)
         self.B, self.T, self.grad_accum_steps = B, T, grad_accum_steps
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
@@ -496,7 +498,8 @@ class DataLoader:
         """(array visiting order, start offset of each visited array) for an epoch, cached."""
         if self._epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.arrays)) if self.shuffle else np.arange(len(self.arrays))
+            n = len(self.arrays)
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
             self._epoch, self._array_order, self._perms = epoch, order, {}
             self._starts = np.concatenate([[0], np.cumsum(self.counts[order])])
         return self._array_order, self._starts
@@ -509,7 +512,8 @@ class DataLoader:
         a, j = int(order[slot]), i - int(starts[slot])
         if self.shuffle:
             if a not in self._perms:
-                self._perms[a] = np.random.default_rng([self.seed, epoch, a + 1]).permutation(int(self.counts[a]))
+                rng = np.random.default_rng([self.seed, epoch, a + 1])
+                self._perms[a] = rng.permutation(int(self.counts[a]))
             j = int(self._perms[a][j])
         return a, j * self.T
 
@@ -525,18 +529,20 @@ class DataLoader:
         if tokens.max(initial=0) >= GPT2_VOCAB_SIZE:
             r, c = np.argwhere(tokens >= GPT2_VOCAB_SIZE)[0]
             a, start = self.locate(int(seq_numbers[r]))
-            raise DataError(f"{self.names[a]}: token id {tokens[r, c]} at position {start + c:,} is not a GPT-2 token "
-                            f"(ids must be < {GPT2_VOCAB_SIZE}): rebuild the shard with `python fineweb.py`")
+            raise DataError(f"{self.names[a]}: token id {tokens[r, c]} at position {start + c:,} "
+                            f"is not a GPT-2 token (ids must be < {GPT2_VOCAB_SIZE}): rebuild the "
+                            f"shard with `python fineweb.py`")
         return tokens
 
     def batch(self, seq_numbers, device=None):
-        """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`. x and y
-        are contiguous, so a compiled model sees one memory layout in training and validation."""
+        """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`. Both
+        are contiguous: a compiled model sees one memory layout in training and in validation."""
         tokens = self.tokens(seq_numbers)
-        xy = torch.from_numpy(np.stack([tokens[:, :-1], tokens[:, 1:]]).astype(np.int64))  # (2, len, T)
+        xy = np.stack([tokens[:, :-1], tokens[:, 1:]])  # (2, len, T)
+        xy = torch.from_numpy(xy.astype(np.int64))  # only this batch becomes int64
         if device is not None and device.type == "cuda":
-            # Speed: one copy of the (2, B, T) block, from pinned (page-locked) memory, is queued without
-            # making the CPU wait, so it goes on launching the step's kernels
+            # Speed: one copy of the (2, B, T) block, from pinned (page-locked) memory, is queued
+            # without making the CPU wait, so it goes on launching the step's kernels
             xy = xy.pin_memory().to(device, non_blocking=True)
         elif device is not None:
             xy = xy.to(device)
@@ -565,8 +571,8 @@ class DataLoader:
 # The learning-rate schedule
 
 
-def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr at max_steps."""
+def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio=0.1) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr_ratio * max_lr."""
     min_lr = max_lr * min_lr_ratio
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
@@ -582,7 +588,7 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_r
 
 @torch.no_grad()
 def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) -> float:
-    """Mean loss over the first num_seqs validation sequences (a fixed set, whatever the world size).
+    """Mean loss over the first num_seqs validation sequences (the same set on any world size).
 
     Rank r takes sequences r, r + world, ...; batches keep the training shape (B, T), the last one
     padded with targets of -1 (ignored), so a compiled model sees no new shape. Summed losses and
@@ -598,9 +604,10 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) 
             y = torch.cat([y, torch.full((B - len(y), T), -1, dtype=y.dtype)])
         x, y = x.to(device), y.to(device)
         with autocast:
-            _, loss = model(x, y, return_logits=False)  # a compiled model would otherwise output all logits
+            _, loss = model(x, y, return_logits=False)  # else a compiled model outputs all logits
         n = (y != -1).sum().float()
         sums.append(torch.stack([loss.float() * n, n]))
+    # a rank may have no sequence at all (fewer of them than ranks)
     total = torch.stack(sums).cpu().double().sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
     if loader.world_size > 1:
         total = total.to(device)
@@ -652,7 +659,8 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
     LOCAL_RANK, WORLD_SIZE in the environment), pick the device, and join the process group: NCCL on
     CUDA, gloo on CPU."""
     if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        mps = torch.backends.mps.is_available()
+        device_arg = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     try:
         device = torch.device(device_arg)
     except RuntimeError:
@@ -668,11 +676,13 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":  # under torchrun, each process takes the GPU of its local rank
-        device = torch.device("cuda", local_rank if world_size > 1 or device.index is None else device.index)
+        index = local_rank if world_size > 1 or device.index is None else device.index
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if world_size > 1:
         if device.type == "mps":
-            raise ConfigError("torchrun with --device mps is not supported: use --device cpu or one process")
+            raise ConfigError("torchrun with --device mps is not supported: use --device cpu, or "
+                              "one process")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, local_rank, world_size, device, device.type)
 
@@ -689,16 +699,16 @@ def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype
     """The one precision decision (training, hellaswag.py and the benchmarks ask here): the dtype of
     the matmuls in every forward pass. `auto` gives bf16 on a GPU with bf16 tensor cores (compute
     capability 8.0 or higher: A100, H100, RTX 30xx/40xx), fp16 on older GPUs (V100, T4; there
-    torch.cuda.is_bf16_supported() answers True since torch 2.4, counting slow emulation), and fp32 on
-    CPU and MPS. Weights, optimizer state and the loss stay fp32 whatever the dtype."""
+    torch.cuda.is_bf16_supported() answers True since torch 2.4, counting slow emulation), and
+    fp32 on CPU and MPS. Weights, optimizer state and the loss stay fp32 whatever the dtype."""
     if requested not in ("auto", *DTYPES):
         raise ConfigError(f"--dtype {requested}: choose auto, {', '.join(DTYPES)}")
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if requested == "bf16" and major < 8:
             name = torch.cuda.get_device_name(device)
-            raise ConfigError(f"--dtype bf16: {name} (compute capability {major}.{minor}) has no bf16 hardware; "
-                              f"use --dtype fp16 (or auto)")
+            raise ConfigError(f"--dtype bf16: {name} (compute capability {major}.{minor}) has no "
+                              f"bf16 hardware; use --dtype fp16 (or auto)")
         if requested == "auto":
             return torch.bfloat16 if major >= 8 else torch.float16
     return torch.float32 if requested == "auto" else DTYPES[requested]
@@ -709,13 +719,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def autocast_context(device_type: str, dtype: torch.dtype):
-    """The one autocast context, built once and entered around every forward pass (none for fp32)."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
+    """The one autocast context, built once, entered around every forward pass (none for fp32)."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 def synchronize(device: torch.device):
-    """Wait for the device's queued work: GPU work is asynchronous, so a clock read without this times
-    only the launching of kernels."""
+    """Wait for the device's queued work: GPU work is asynchronous, so a clock read without this
+    times only the launching of kernels."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -741,7 +753,7 @@ def forward_backward(model, loader, grad_accum_steps: int, device, autocast, sca
             with autocast:
                 _, loss = model(x, y, return_logits=False)
             # backward adds gradients up; each micro-batch loss is a mean over its B*T tokens, so
-            # dividing by the number of micro-steps makes the sum the gradient of the whole batch's mean
+            # dividing by the number of micro-steps makes the sum the whole batch's mean's gradient
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -758,58 +770,61 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     every flag, the run folder, the checkpoint and the data files."""
     T = cfg.seq_len
 
-    # --- the model ---------------------------------------------------------------------------------
+    # --- the model -------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.init_from == "scratch":
-        raw_model = GPT(GPTConfig(block_size=cfg.block_size or T, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                  n_embd=cfg.n_embd, dropout=cfg.dropout))
+        raw_model = GPT(GPTConfig(block_size=cfg.block_size or T, n_layer=cfg.n_layer,
+                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:  # fine-tuning: OpenAI's GPT-2 (from the hub) or a Hugging Face GPT-2 folder
-        raw_model = load_model(cfg.init_from, dropout=cfg.dropout)
+        raw_model = load_model(cfg.init_from, dropout=cfg.dropout).train()
     check_model(cfg, raw_model, prep)  # it fits --seq-len, and the checkpoint we resume
-    # raw_model stays the plain module: we save, sample and run HellaSwag with it. `model`, made at
-    # "compile and DDP" below, is the same weights, compiled and wrapped for training
+    # raw_model stays the plain module: we save, sample and run HellaSwag with it. `model`, made
+    # under "compile and DDP" below, holds the same weights, compiled and wrapped for training
     raw_model.to(d.device)
-    # TF32: the fp32 matmuls left outside autocast run on tensor cores, with a 10-bit mantissa
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = d.device_type == "cuda"
-    autocast = autocast_context(d.device_type, prep.dtype)  # the one autocast of every forward pass
-    print0(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_token(T) / 1e6:.1f} MFLOP "
-           f"per token (6N + 12LCT)")
+    # TF32: the fp32 matmuls left outside autocast run on tensor cores (with a 10-bit mantissa)
+    tf32 = d.device_type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    autocast = autocast_context(d.device_type, prep.dtype)  # around every forward pass
+    flops_per_token = raw_model.flops_per_token(T)
+    print0(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
+           f"token (6N + 12LCT)")
 
-    # --- the micro-batch ---------------------------------------------------------------------------
-    # An optimizer step sees total_batch_size tokens = B x T x processes x grad_accum_steps: B is how
-    # many sequences fit in memory at once, and adding up the gradients of micro-steps does the rest
+    # --- the micro-batch -------------------------------------------------------------------
+    # A step sees total_batch_size tokens = B x T x processes x grad_accum_steps: B sequences are
+    # what fits in memory at once, and adding up the gradients of micro-steps does the rest
     if cfg.batch_size == "auto":
         B = auto_micro_batch(cfg, raw_model, d, autocast)
     else:
         B = cfg.batch_size
     grad_accum_steps = micro_steps(cfg, B, d.world_size)
-    print0(f"batch: {cfg.total_batch_size:,} tokens per step = {B} x {T} x {d.world_size} processes x "
-           f"{grad_accum_steps} micro-steps")
+    print0(f"batch: {cfg.total_batch_size:,} tokens per step = {B} x {T} x {d.world_size} "
+           f"processes x {grad_accum_steps} micro-steps")
 
-    # --- the loaders -------------------------------------------------------------------------------
+    # --- the loaders -----------------------------------------------------------------------
     # which sequences a step sees depends on the seed only, never on B or the number of processes
     shape = dict(B=B, T=T, grad_accum_steps=grad_accum_steps, rank=d.rank, world_size=d.world_size)
     train_loader = DataLoader(*prep.train, **shape, seed=cfg.seed, shuffle=True)
     val_loader = DataLoader(*prep.val, **shape, shuffle=False)  # the same sequences every time
-    epoch_steps = train_loader.seqs_per_epoch / train_loader.seqs_per_step
-    print0(f"data: {train_loader.seqs_per_epoch:,} training sequences per epoch ({epoch_steps:.1f} steps)")
+    epoch = train_loader.seqs_per_epoch
+    steps = epoch / train_loader.seqs_per_step
+    print0(f"data: {epoch:,} training sequences per epoch ({steps:.1f} steps)")
 
-    # --- the optimizer -----------------------------------------------------------------------------
+    # --- the optimizer ---------------------------------------------------------------------
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
-    # updater.apply_update(...) calls optimizer.step(), with fp16's loss scaling when autocast is fp16,
-    # and skips the update of a non-finite loss
+    # updater.apply_update() calls optimizer.step(), with loss scaling when autocast is fp16, and
+    # skips the update of a non-finite loss
     updater = Updater(optimizer, grad_scaler(d.device_type, prep.dtype), raw_model, cfg)
 
-    # --- resume ------------------------------------------------------------------------------------
+    # --- resume ----------------------------------------------------------------------------
     # weights, optimizer moments, loss scale, data position and random states: the run goes on
     # as if it had never stopped
     start_step, val_loss = 0, None
     if prep.ckpt is not None:
         start_step, val_loss = resume(prep, raw_model, updater, train_loader, cfg, d)
 
-    # --- compile and DDP ---------------------------------------------------------------------------
-    # DDP first, then the compiler, as PyTorch documents it: the compiler then splits the backward
-    # pass at DDP's gradient buckets, so that each bucket's all-reduce overlaps the rest of backward
+    # --- compile and DDP -------------------------------------------------------------------
+    # DDP first, then the compiler, as PyTorch documents it: the compiler then splits the
+    # backward pass at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest
     ddp = None
     if d.ddp:
         # no buffer broadcast before each pass: the one buffer (the vocabulary bias) never changes
@@ -819,83 +834,92 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     use_compile, why = compile_choice(cfg, d)
     if use_compile:
         model = torch.compile(model)  # the first step compiles (a minute for 124M on a GPU)
+    scaled = " with loss scaling" if updater.scaler else ""
     print0(f"device: {d.device} x {d.world_size} process(es), autocast: {dtype_name(prep.dtype)}"
-           f"{' with loss scaling' if updater.scaler else ''}, compile: {use_compile}{why}")
-    log = start_log(cfg, d, prep, start_step)  # log.txt from here on (and --overwrite takes effect)
-    peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device_type == "cuda" else None
-    flops_per_step = raw_model.flops_per_token(T) * cfg.total_batch_size  # for MFU
+           f"{scaled}, compile: {use_compile}{why}, deterministic: "
+           f"{torch.are_deterministic_algorithms_enabled()}")
+    log = start_log(cfg, d, prep, start_step)  # log.txt from here on; --overwrite takes effect
+    peak = None  # the bf16 (fp16) peak: no MFU for fp32
+    if d.device_type == "cuda" and prep.dtype != torch.float32:
+        peak = peak_flops(torch.cuda.get_device_name(d.device))
     stop = StopRequest()  # SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit
     step_times = []
 
-    # --- the loop ----------------------------------------------------------------------------------
+    # --- the loop --------------------------------------------------------------------------
     try:
         for step in range(start_step, cfg.max_steps + 1):
             last_step = step == cfg.max_steps
             # Evaluation comes before the step: step 0 shows the untrained model (a loss near
             # ln 50257 = 10.8), and the last step, max_steps, the weights after every update, which
-            # the last checkpoint saves. A run asked to stop skips it: torchrun allows only 30 s
-            # between its SIGTERM and a SIGKILL.
-            evaluate = not stop.requested
-            if evaluate and due(cfg.val_every, step, last_step):
+            # the last checkpoint saves. Every rank takes part, so each decides by the step alone.
+            if due(cfg.val_every, step, last_step):
                 model.eval()  # dropout off
                 val_loss = validation_loss(model, val_loader, prep.val_seqs, d.device, autocast)
                 model.train()
                 log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
-            if evaluate and due(cfg.hellaswag_every, step, last_step):
-                # the raw model: the shapes change with every batch, which a compiled one recompiles for
-                result = hellaswag.evaluate(raw_model, prep.hellaswag, device=d.device, batch_size=max(1, B // 4),
-                                            autocast=autocast, rank=d.rank, world_size=d.world_size)
+            if due(cfg.hellaswag_every, step, last_step):
+                # on the raw model: the shapes change with every batch, which would recompile
+                result = hellaswag.evaluate(raw_model, prep.hellaswag, device=d.device,
+                                            batch_size=max(1, B // 4), autocast=autocast,
+                                            rank=d.rank, world_size=d.world_size)
                 log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
-            if evaluate and due(cfg.sample_every, step, last_step) and step > 0:
-                samples = sample_text(raw_model, cfg.prompt, cfg.num_samples, cfg.sample_tokens, d.device,
-                                      autocast, seed=cfg.seed + 1000 * d.rank + step)
-                for i, text in enumerate(samples):  # every rank prints its own (different seeds)
-                    print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
-            # a checkpoint of the weights after `step` updates, with the evaluation just made; none
-            # while the losses are not finite, so that the last good ones stay on disk
-            if step > start_step and due(cfg.checkpoint_every, step, last_step) and not updater.bad_in_a_row:
+            if due(cfg.sample_every, step, last_step) and step > 0:
+                for i, text in enumerate(sample_text(raw_model, cfg.prompt, cfg.num_samples,
+                                                     cfg.sample_tokens, d.device, autocast,
+                                                     seed=cfg.seed + 1000 * d.rank + step)):
+                    print(f"rank {d.rank} sample {i}: {text!r}", flush=True)  # every rank its own
+            # a checkpoint of the weights after `step` updates, with the evaluation just made;
+            # none while the losses are not finite, so that the last good ones stay on disk
+            saving = due(cfg.checkpoint_every, step, last_step) and not updater.bad_in_a_row
+            if saving and step > start_step:
                 save(step, cfg, d, raw_model, updater, train_loader, val_loss)
             if last_step:
                 break
 
-            # ------------------------------------ BEGIN the optimization step ------------------------
+            # ------------------------------- BEGIN the optimization step -----------------------
             t0 = time.perf_counter()
+            # the last step's gradients go (set_to_none frees them), then this step's add up
             optimizer.zero_grad(set_to_none=True)
-            loss = forward_backward(model, train_loader, grad_accum_steps, d.device, autocast, updater.scaler,
-                                    ddp)
+            loss = forward_backward(model, train_loader, grad_accum_steps, d.device, autocast,
+                                    updater.scaler, ddp)
             if updater.scaler is not None:
-                updater.scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
-            # clipping the gradient's global norm keeps one bad batch from throwing the weights far away
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+                updater.scaler.unscale_(optimizer)  # fp16: clip the true gradients, not scaled ones
+            # clipping the gradient's global norm keeps one bad batch from throwing the weights far
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+            # the learning rate of this step: linear warmup, then cosine decay
             lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # one all-reduce per step, for the log and for stopping: the loss averaged over the ranks
-            # (the gradients already are), and whether any rank was asked to stop, so that every rank
-            # stops after the same step
-            stats = torch.stack([loss.float(), torch.tensor(float(stop.requested), device=d.device)])
+            # one all-reduce per step, for the log and for stopping: the loss averaged over the
+            # ranks (the gradients already are), and whether any rank was asked to stop, so that
+            # every rank stops after the same step
+            stop_flag = torch.tensor(float(stop.requested), device=d.device)
+            stats = torch.stack([loss.float(), stop_flag])
             if d.ddp:
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            loss_value, stop_now = stats[0].item() / d.world_size, stats[1].item() > 0
-            updater.apply_update(step, loss_value, norm.item(), log)  # optimizer.step(), if finite
+            loss, stop_now, norm = stats[0].item() / d.world_size, stats[1].item() > 0, norm.item()
+            updater.apply_update(step, loss, norm, log)  # optimizer.step(), unless not finite
             synchronize(d.device)  # the clock measures finished work, not queued kernels
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            mfu = flops_per_step / dt / d.world_size / peak if peak else None  # model FLOPs utilization
-            log.record(step, "train", loss_value, f"loss {loss_value:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
-                       f"dt {1000 * dt:.1f}ms | tok/sec {cfg.total_batch_size / dt:,.0f}"
+            # one line per step: loss, learning rate, gradient norm, time, throughput, MFU
+            tokens_per_sec = cfg.total_batch_size / dt
+            mfu = flops_per_token * tokens_per_sec / d.world_size / peak if peak else None
+            log.record(step, "train", loss, f"loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
+                       f"{1000 * dt:.1f}ms | tok/sec {tokens_per_sec:,.0f}"
                        + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
-            log.scalars(step, lr=lr, grad_norm=norm.item(), tokens_per_sec=cfg.total_batch_size / dt, mfu=mfu)
-            # ------------------------------------ END the optimization step --------------------------
+            log.scalars(step, lr=lr, grad_norm=norm, tokens_per_sec=tokens_per_sec, mfu=mfu)
+            # ------------------------------- END the optimization step -------------------------
 
             if stop_now:  # the step under way when the signal came is finished, then saved
-                save(step + 1, cfg, d, raw_model, updater, train_loader, val_loss)
+                if not updater.bad_in_a_row:  # (unless its loss was not finite: keep the good ones)
+                    save(step + 1, cfg, d, raw_model, updater, train_loader, val_loss)
                 print0(f"stopped by signal after step {step}; continue with --resume auto")
                 return
     finally:
         log.close()  # TensorBoard's last points too, whatever ends the run
     updater.check_last_step(cfg.max_steps - 1)
-    print0(run_summary(step_times, cfg, d, peak, flops_per_step))
+    print0(run_summary(step_times, cfg, d, peak, flops_per_token))
     export(raw_model, cfg, d)
 
 
@@ -935,13 +959,13 @@ PRESETS = {
         total_batch_size=1048576, max_steps=32000,  # -d 1048576 -x 32000: 33.6B tokens
         data_dir="edu_fineweb100B", checkpoint_every=2000,  # FineWeb-Edu 100B; -n 2000
     ),
-    # Tiny Shakespeare (or any --input text) on a laptop CPU: a small model that learns within minutes
+    # Tiny Shakespeare (or any --input text) on a laptop CPU: a model that learns in minutes
     "shakespeare": dict(
-        # Tuned on a 2-core CPU (about 7 minutes there). At equal tokens, 1,024-token steps beat 2,048
-        # (val 4.82 vs 5.13 after 1.6M tokens) and 512; dropout 0.1 helps a little (each token is
-        # seen about 4 times); 8 layers instead of 4 did not help. With 1,024-token steps, LR 6e-3
-        # after 50 warmup steps had gradient-norm spikes (up to 23) that cost 0.3 of loss for good;
-        # 4e-3 after 100 steps trained smoothly and ended lower than 6e-3 (4.81 vs 4.86 in 1,400 steps).
+        # Tuned on a 2-core CPU (7 minutes there; README: Results). At equal tokens, 1,024-token
+        # steps beat 2,048 (val 4.82 vs 5.13 after 1.6M tokens) and 512; dropout 0.1 helps a little
+        # (each token is seen about 4 times); 8 layers did not help. LR 6e-3 after 50 warmup steps
+        # had gradient-norm spikes (up to 23) that cost 0.3 of loss for good; 4e-3 after 100 steps
+        # trained smoothly and ended lower than 6e-3 (4.81 vs 4.86 in 1,400 steps).
         input="input.txt", n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=8, seq_len=128,
         total_batch_size=1024, max_steps=1200, warmup_steps=100, max_lr=4e-3, val_every=200,
         val_tokens=32768, hellaswag_every=0, sample_every=400, checkpoint_every=400,
@@ -957,71 +981,79 @@ def batch_size_value(text: str):
     try:
         return number(int, 1)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be auto or an integer of at least 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be auto or an integer of at least 1, got {text!r}") \
+            from None
+
+
+def at_least(least, kind=int):
+    return number(kind, least)
 
 
 @dataclass
 class RunConfig:
-    preset: str = flag("gpt2-124m", "settings to start from; flags override them (--input alone starts from "
-                       "shakespeare)", choices=tuple(PRESETS))
+    preset: str = flag("gpt2-124m", "settings to start from; flags override them (--input alone "
+                       "starts from shakespeare)", choices=tuple(PRESETS))
     # data
-    data_dir: str = flag("edu_fineweb10B", "folder of .npy token shards (python fineweb.py builds it)")
-    input: str = flag("", "train on this UTF-8 text file instead of shards (last 10% is validation); "
+    data_dir: str = flag("edu_fineweb10B", "folder of .npy token shards (python fineweb.py makes it)")
+    input: str = flag("", "train on this UTF-8 text file instead (its last 10% is validation); "
                       "input.txt is downloaded if missing")
     # model
-    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local Hugging Face "
-                          "GPT-2 folder (fine-tuning)")
-    n_layer: int = flag(12, "transformer blocks", number(int, 1))
-    n_head: int = flag(12, "attention heads", number(int, 1))
-    n_embd: int = flag(768, "model width (channels), a multiple of --n-head", number(int, 1))
-    dropout: float = flag(0.0, "dropout probability in training (0 = off; against overfitting on small data)",
-                          number(float, 0, below=1))
-    block_size: int = flag(0, "position-table size (tokens); 0 = --seq-len", number(int, 0))
+    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local "
+                          "Hugging Face GPT-2 folder (fine-tuning)")
+    n_layer: int = flag(12, "transformer blocks", at_least(1))
+    n_head: int = flag(12, "attention heads", at_least(1))
+    n_embd: int = flag(768, "model width (channels), a multiple of --n-head", at_least(1))
+    dropout: float = flag(0.0, "dropout probability in training (0 = off; against overfitting on "
+                          "small data)", number(float, 0, below=1))
+    block_size: int = flag(0, "position-table size (tokens); 0 = --seq-len", at_least(0))
     # batch
-    batch_size: int | str = flag("auto", "micro-batch B (sequences per forward pass per process); auto: on "
-                                 "CUDA the largest that fits in memory, else at most 8", batch_size_value)
-    seq_len: int = flag(1024, "sequence length T (tokens)", number(int, 1))
-    total_batch_size: int = flag(524288, "tokens per optimizer step, over all processes and micro-steps",
-                                 number(int, 1))
+    batch_size: int | str = flag("auto", "micro-batch B (sequences per forward pass per process); "
+                                 "auto: on CUDA the largest that fits, else at most 8",
+                                 batch_size_value)
+    seq_len: int = flag(1024, "sequence length T (tokens)", at_least(1))
+    total_batch_size: int = flag(524288, "tokens per optimizer step, over all processes and "
+                                 "micro-steps", at_least(1))
     # optimization
-    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", number(int, 1))
-    warmup_steps: int = flag(715, "linear LR warmup steps", number(int, 0))
+    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", at_least(1))
+    warmup_steps: int = flag(715, "linear LR warmup steps", at_least(0))
     max_lr: float = flag(6e-4, "peak learning rate", number(float, above=0))
     min_lr_ratio: float = flag(0.1, "the cosine decay ends at this fraction of --max-lr",
                                number(float, 0, 1))
-    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D parameters", number(float, 0))
-    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = no clipping)", number(float, 0))
-    seed: int = flag(1337, "seed of the initial weights and of the data order", number(int, 0))
-    dtype: str = flag("auto", "autocast precision; auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, "
-                      "fp32 on CPU and MPS", choices=("auto", *DTYPES))
-    deterministic: bool = flag(False, "the same losses to the bit from the same command (README: "
-                               "Reproducibility)")
-    # periodic work (0 = off; each also runs on the last step)
-    val_every: int = flag(250, "validation loss every N steps", number(int, 0))
-    val_tokens: int = flag(10485760, "validation tokens per evaluation (a fixed set, whatever the world size); "
-                           "not given: the whole val split, up to this many", number(int, 1))
-    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps", number(int, 0))
-    hellaswag_data: str = flag("", "local HellaSwag JSON-lines file (default: the downloaded validation set)")
-    hellaswag_limit: int = flag(0, "score only the first N HellaSwag examples (0 = all 10,042)", number(int, 0))
-    sample_every: int = flag(250, "print --num-samples samples every N steps", number(int, 0))
+    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D parameters", at_least(0, float))
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", at_least(0, float))
+    seed: int = flag(1337, "seed of the initial weights and of the data order", at_least(0))
+    dtype: str = flag("auto", "autocast precision; auto: bf16 on GPUs with bf16 hardware, fp16 on "
+                      "older GPUs, fp32 on CPU and MPS", choices=("auto", *DTYPES))
+    deterministic: bool = flag(None, "the same losses to the bit from the same command (default: "
+                               "on for CPU runs, where it costs nothing measurable; README: "
+                               "Reproducibility)", bool)
+    # periodic work (0 = off; each also runs at the end)
+    val_every: int = flag(250, "validation loss every N steps", at_least(0))
+    val_tokens: int = flag(10485760, "validation tokens (a fixed set, whatever the world size); not "
+                           "given: the whole val split, up to this many", at_least(1))
+    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps", at_least(0))
+    hellaswag_data: str = flag("", "local HellaSwag JSON-lines file (default: the download)")
+    hellaswag_limit: int = flag(0, "score the first N HellaSwag examples (0 = all 10,042)",
+                                at_least(0))
+    sample_every: int = flag(250, "print --num-samples samples every N steps", at_least(0))
     prompt: str = flag("Hello, I'm a language model,", "what samples continue")
-    num_samples: int = flag(4, "samples each time", number(int, 1))
-    sample_tokens: int = flag(32, "new tokens per sample", number(int, 1))
-    checkpoint_every: int = flag(1000, "checkpoint every N steps", number(int, 0))
-    keep_checkpoints: int = flag(3, "keep the last N checkpoints (0 = all)", number(int, 0))
+    num_samples: int = flag(4, "samples each time", at_least(1))
+    sample_tokens: int = flag(32, "new tokens per sample", at_least(1))
+    checkpoint_every: int = flag(1000, "checkpoint every N steps", at_least(0))
+    keep_checkpoints: int = flag(3, "keep the last N checkpoints (0 = all)", at_least(0))
     # run
     log_dir: str = flag("log", "folder of log.txt and checkpoints; one run per folder")
     overwrite: bool = flag(False, "delete another run's log and checkpoints in --log-dir first")
-    tensorboard: bool = flag(False, "also write TensorBoard curves to --log-dir (tensorboard --logdir LOG_DIR)")
-    device: str = flag("auto", "auto, cpu, cuda or mps")
-    compile: bool = flag(None, "torch.compile the model (default: on for CUDA GPUs that Triton supports, "
-                         "compute capability 7.0 and up)", bool)
-    resume: str = flag("", "'auto' (latest checkpoint in --log-dir, if any) or a checkpoint path")
-    eval_only: bool = flag(False, "with --resume or --init-from: validate, run HellaSwag (if on), sample, then "
-                           "exit without writing to --log-dir")
-    export_hf: str = flag("", "after training (or --eval-only), write the model to this folder in Hugging Face "
-                          "format")
-    max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row", number(int, 1))
+    tensorboard: bool = flag(False, "also write TensorBoard curves to --log-dir")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    compile: bool = flag(None, "torch.compile the model (default: on for CUDA GPUs of compute "
+                         "capability 7.0 and up, which Triton supports)", bool)
+    resume: str = flag("", "'auto' (the latest checkpoint in --log-dir, if any) or a checkpoint")
+    eval_only: bool = flag(False, "with --resume or --init-from: validate, run HellaSwag (if on), "
+                           "sample, then exit without writing to --log-dir")
+    export_hf: str = flag("", "after training (or --eval-only), write the model to this folder in "
+                          "Hugging Face format")
+    max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row", at_least(1))
     # not flags: the command line's arguments, and the flags among them
     argv: tuple = field(default=())
     given: frozenset = field(default=frozenset())
@@ -1029,44 +1061,46 @@ class RunConfig:
 
 def make_parser() -> OneLineParser:
     """A flag per RunConfig field; --help shows each default and the shakespeare preset's value."""
-    parser = OneLineParser(prog="train_gpt2.py", description="Train GPT-2 (the module docstring has the "
-                           "commands). Explicit flags override the preset.")
+    parser = OneLineParser(prog="train_gpt2.py", description="Train GPT-2 (the module docstring "
+                           "has the commands). Explicit flags override the preset.")
     small = PRESETS["shakespeare"]
-    add_flags(parser, RunConfig, note=lambda f: f"; shakespeare: {small[f.name]!r}" if f.name in small else "")
+    add_flags(parser, RunConfig, note=lambda f: f"; shakespeare: {small[f.name]!r}"
+              if f.name in small else "")
     return parser
 
 
 def parse_args(argv=None) -> RunConfig:
-    """Flags over the preset over the defaults (argparse checks each flag's range), then the checks
-    that involve several flags."""
+    """Flags over the preset over the defaults (argparse checks each flag's range), then the
+    checks that involve several flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     given = given_flags(make_parser().parse_args(argv))
     preset = given.get("preset") or ("shakespeare" if given.get("input") else RunConfig.preset)
     cfg = RunConfig(**{**PRESETS[preset], **given, "preset": preset, "argv": tuple(argv),
                        "given": frozenset(given)})
     if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the heads split "
-                          f"the width")
+        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the "
+                          f"heads split the width")
     if cfg.block_size and cfg.block_size < cfg.seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds --block-size {cfg.block_size}")
     if cfg.overwrite and cfg.resume:
-        raise ConfigError("--overwrite deletes the run that --resume would continue: pass one of them")
+        raise ConfigError("--overwrite deletes the run that --resume would continue: pass one")
     if cfg.eval_only and not cfg.resume and cfg.init_from == "scratch":
         raise ConfigError("--eval-only needs a model: pass --resume PATH|auto or --init-from")
     return cfg
 
 
 def micro_steps(cfg: RunConfig, B: int | None, world_size: int) -> int:
-    """The one check that the batch sizes fit together: gradient-accumulation steps per optimizer step
-    for micro-batch B (None: not known yet), or a ConfigError that proposes valid --total-batch-size values."""
+    """The one check that the batch sizes fit together: gradient-accumulation steps per optimizer
+    step for micro-batch B (None: not known yet), or a ConfigError that proposes valid values."""
     per_micro_step = (B or 1) * cfg.seq_len * world_size
     if cfg.total_batch_size % per_micro_step:
         lower = max(1, cfg.total_batch_size // per_micro_step) * per_micro_step
         what = f"batch-size x seq-len x processes = {B} x " if B else "seq-len x processes = "
-        raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not divisible by {what}{cfg.seq_len} x "
-                          f"{world_size} = {per_micro_step}: use {lower} or {lower + per_micro_step}"
-                          + (", or change --batch-size" if B else ""))
+        raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not divisible by {what}"
+                          f"{cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or "
+                          f"{lower + per_micro_step}" + (", or change --batch-size" if B else ""))
     return cfg.total_batch_size // per_micro_step
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1105,8 +1139,10 @@ def preflight(cfg: RunConfig, d: Dist) -> Prepared:
         for key in ("input", "data_dir", "seq_len", "val_tokens"):
             if key not in cfg.given and key in prep.ckpt["run_config"]:
                 setattr(cfg, key, prep.ckpt["run_config"][key])
-    micro_steps(cfg, None if cfg.batch_size == "auto" else cfg.batch_size, d.world_size)
-    prep.train, prep.val = read_splits(cfg)
+    if not cfg.eval_only:
+        micro_steps(cfg, None if cfg.batch_size == "auto" else cfg.batch_size, d.world_size)
+    if not cfg.eval_only or cfg.val_every:
+        prep.train, prep.val = read_splits(cfg)
     if cfg.val_every:
         prep.val_seqs = plan_validation(cfg, prep.val)
     if cfg.hellaswag_every:
@@ -1132,7 +1168,8 @@ def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
     T, seqs_per_step = cfg.seq_len, cfg.total_batch_size // cfg.seq_len
     if cfg.input:
         train_ids, val_ids = load_text(cfg.input)
-        train, val = ([train_ids], [f"{cfg.input} (first 90%)"]), ([val_ids], [f"{cfg.input} (last 10%)"])
+        train = ([train_ids], [f"{cfg.input} (first 90%)"])
+        val = ([val_ids], [f"{cfg.input} (last 10%)"])
         fix = "use a longer text, or lower --seq-len / --total-batch-size"
     else:
         train = ((), ()) if cfg.eval_only else load_shards(cfg.data_dir, "train")
@@ -1140,8 +1177,8 @@ def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
         fix = "build more data with `python fineweb.py`, or lower --total-batch-size"
     have = count_sequences(train[0], T)
     if not cfg.eval_only and have < seqs_per_step:
-        raise DataError(f"{describe(train[1])}: the train split has {have} sequences of T={T} tokens, fewer "
-                        f"than the {seqs_per_step} one optimizer step needs; {fix}")
+        raise DataError(f"{describe(train[1])}: the train split has {have} sequences of T={T} "
+                        f"tokens, fewer than the {seqs_per_step} one optimizer step needs; {fix}")
     return train, val
 
 
@@ -1152,11 +1189,12 @@ def plan_validation(cfg: RunConfig, val) -> int:
     have = count_sequences(val[0], T)
     wanted = max(1, cfg.val_tokens // T)
     if "val_tokens" in cfg.given and wanted > have:
-        raise ConfigError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has {have * T:,} "
-                          f"tokens in sequences of T={T}; pass at most {have * T}, or leave --val-tokens out")
+        raise ConfigError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has "
+                          f"{have * T:,} tokens in sequences of T={T}; pass at most {have * T}, or "
+                          f"leave --val-tokens out")
     if have == 0:
-        raise DataError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower --seq-len, "
-                        f"or --val-every 0 to train without validation")
+        raise DataError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower "
+                        f"--seq-len, or --val-every 0 to train without validation")
     n = min(wanted, have)
     print0(f"validation: {n * T:,} tokens" + (" (the whole val split)" if n == have else ""))
     return n
@@ -1174,42 +1212,45 @@ def read_text(path: str) -> str:
     """The text of --input, checked: a UTF-8 text file (input.txt, Tiny Shakespeare, is downloaded
     when it is missing)."""
     if os.path.isdir(path):
-        raise DataError(f"{path}: a folder: pass --input with a text file (or build shards with `python "
-                        f"fineweb.py`)")
+        raise DataError(f"{path}: a folder: pass --input with a text file (or build shards with "
+                        f"`python fineweb.py`)")
     if not os.path.isfile(path):
         if os.path.basename(path) != "input.txt":
             raise DataError(f"{path}: no such file: pass --input with a plain text file")
         try:
             download(TINY_SHAKESPEARE_URL, path)
         except OSError as e:
-            raise DataError(f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); download "
-                            f"{TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with another text "
-                            f"file") from None
+            raise DataError(f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); "
+                            f"download {TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with "
+                            f"another text file") from None
     with open(path, "rb") as f:
         raw = f.read()
     if b"\0" in raw:
-        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input with a "
-                        f"UTF-8 text file")
+        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input "
+                        f"with a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert it to "
-                        f"UTF-8 (for example `iconv -f latin1 -t utf-8`) or pass another --input") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert "
+                        f"it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or pass another --input"
+                        ) from None
 
 
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                        "tinyshakespeare/input.txt")
 
 
 def check_model(cfg: RunConfig, model: GPT, prep: Prepared):
     """Checks that need the model: --seq-len fits its position table (a pretrained model brings its
     own), and a checkpoint to resume was made by the same shape of model."""
     if cfg.seq_len > model.config.block_size:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {model.config.block_size}")
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block_size "
+                          f"{model.config.block_size}")
     if prep.ckpt is not None:
         diffs = config_differences(prep.ckpt["model_config"], asdict(model.config))
         if diffs:
-            raise CheckpointError(f"{prep.ckpt_path}: the checkpoint's model differs from this run's: "
-                                  + "; ".join(diffs))
+            raise CheckpointError(f"{prep.ckpt_path}: the checkpoint's model differs from this "
+                                  f"run's: " + "; ".join(diffs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1225,27 +1266,31 @@ class CheckpointError(UserError):
 
 
 def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this script, or raise CheckpointError naming the file. Always onto
-    the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
+    """Load a checkpoint written by this script, or raise CheckpointError naming the file. Always
+    onto the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
     torch.cuda.set_rng_state take nothing else); load_state_dict copies the rest to the device."""
     if not os.path.isfile(path):
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
         raise CheckpointError(f"{path}: {what}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: the tensors are read from the file as they are copied to the device, so the ranks
+        # of a node do not each hold a whole checkpoint (25 GB for GPT-2 1558M) in memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # truncated zip, random bytes, a pickle of something else...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be truncated by "
-                              f"a crash during saving: use an earlier checkpoint") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be "
+                              f"truncated by a crash during saving: use an earlier checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+        raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no {CHECKPOINT_FORMAT!r} "
+                              f"marker)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')}, this script reads "
-                              f"{CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')}, this "
+                              f"script reads {CHECKPOINT_VERSION}")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+def model_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
+    config = GPTConfig(**ckpt["model_config"])
+    model = GPT(config if dropout is None else GPTConfig(**{**asdict(config), "dropout": dropout}))
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -1253,20 +1298,22 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
 def load_model(source: str, device="cpu", dropout: float = 0.0) -> GPT:
     """The one model loader (--init-from, --eval-only, hellaswag.py, the notebook): a train_gpt2.py
     checkpoint (a .pt file), a GPT-2 name (gpt2, gpt2-medium, ..., from the Hugging Face hub) or a
-    local Hugging Face GPT-2 folder; in eval mode on `device`. Failures are one CheckpointError line."""
+    local Hugging Face GPT-2 folder; in eval mode on `device`. A failure is one CheckpointError."""
     if os.path.isfile(source) or source.endswith(".pt"):
-        model = model_from_checkpoint(read_checkpoint(source))
+        model = model_from_checkpoint(read_checkpoint(source), dropout)
     else:
         try:
             model = GPT.from_pretrained(source, dropout=dropout)
         except Exception as e:  # a bad name, an incomplete folder, no network for the hub...
-            raise CheckpointError(f"cannot load model {source!r}: {' '.join(str(e).split())[:300]}") from None
+            reason = " ".join(str(e).split())[:300]  # on one line
+            raise CheckpointError(f"cannot load model {source!r}: {reason}") from None
     return model.to(device).eval()
 
 
 def rng_state(device_type: str) -> dict:
-    """The random states a run draws from: Python's, NumPy's, torch's CPU one and its device's (dropout)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The random states a run draws from: Python's, NumPy's, torch's CPU one and the device's."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
     if device_type in ("cuda", "mps"):
         state[device_type] = getattr(torch, device_type).get_rng_state()
     return state
@@ -1291,21 +1338,24 @@ def checkpoint_steps(log_dir: str) -> list[int]:
 
 
 def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
-    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints. A
-    failed write (a full disk) is a CheckpointError; the previous checkpoint and `latest` are untouched."""
+    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints.
+    A failed write (a full disk) is a CheckpointError; the previous checkpoint and `latest` stay."""
     path = checkpoint_path(log_dir, state["step"])
     try:
         atomic_write(path, lambda f: torch.save(state, f))
         # "latest" is updated only once the checkpoint it names is complete on disk
-        atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(os.path.basename(path).encode() + b"\n"))
+        name = os.path.basename(path).encode() + b"\n"
+        atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(name))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         previous = [s for s in checkpoint_steps(log_dir) if s != state["step"]]
-        kept = f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        kept = (f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else
+                "no earlier checkpoint exists")
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         free = shutil.disk_usage(log_dir).free / 1e9
-        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in {log_dir}); {kept}: "
-                              f"free some space, then continue with --resume auto") from None
-    if keep > 0:  # the newest `keep` up to this one stay; later ones (from before a resume) are not ours
+        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in "
+                              f"{log_dir}); {kept}: free some space, then continue with --resume auto"
+                              ) from None
+    if keep > 0:  # the newest `keep` up to this one stay; later ones (before a resume) are not ours
         older = [s for s in checkpoint_steps(log_dir) if s < state["step"]]
         for step in older[: max(0, len(older) - (keep - 1))]:
             os.remove(checkpoint_path(log_dir, step))
@@ -1313,25 +1363,27 @@ def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
 
 
 def latest_checkpoint(log_dir: str, before: int | None = None) -> str | None:
-    """The one checkpoint lookup: the newest checkpoint of a run folder, the one LOG_DIR/latest names
-    (updated only after a complete save), else the one of the highest step; with `before`, the newest
-    of an earlier step. None when there is none."""
+    """The one checkpoint lookup: the newest checkpoint of a run folder, the one LOG_DIR/latest
+    names (updated only after a complete save), else the one of the highest step; with `before`,
+    the newest of an earlier step. None when there is none."""
     pointer = os.path.join(log_dir, "latest")
     if os.path.isdir(pointer):
-        raise CheckpointError(f"{pointer}: a folder where a file naming the latest checkpoint belongs: remove it")
+        raise CheckpointError(f"{pointer}: a folder where a file naming the latest checkpoint "
+                              f"belongs: remove it")
     steps = [s for s in checkpoint_steps(log_dir) if before is None or s < before]
     if before is None and os.path.isfile(pointer):
         with open(pointer, "rb") as f:
             name = f.read(200).decode("utf-8", "replace").strip()
         if CHECKPOINT_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
             return os.path.join(log_dir, name)
-        print0(f"warning: {pointer} names {name!r}, which is not a checkpoint in {log_dir}; using the newest one")
+        print0(f"warning: {pointer} names {name!r}, which is not a checkpoint in {log_dir}; using "
+               f"the newest one")
     return checkpoint_path(log_dir, steps[-1]) if steps else None
 
 
 def find_resume_checkpoint(cfg: RunConfig) -> tuple[str | None, dict | None]:
-    """--resume PATH, or --resume auto: (path, contents) of the latest checkpoint in --log-dir, or of the
-    newest readable one if that one is damaged; (None, None) when the folder has none yet."""
+    """--resume PATH, or --resume auto: (path, contents) of the latest checkpoint in --log-dir, or
+    of the newest readable one if that one is damaged; (None, None) when there is none yet."""
     if cfg.resume != "auto":
         return cfg.resume, read_checkpoint(cfg.resume)
     path = latest_checkpoint(cfg.log_dir)
@@ -1349,42 +1401,44 @@ def find_resume_checkpoint(cfg: RunConfig) -> tuple[str | None, dict | None]:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k)]
 
 
-def resume(prep: Prepared, model: GPT, updater: "Updater", train_loader: DataLoader, cfg: RunConfig,
-           d: Dist) -> tuple[int, float | None]:
-    """Restore a run from its checkpoint; returns (the step to go on from, the last validation loss)."""
+def resume(prep: Prepared, model: GPT, updater: "Updater", train_loader: DataLoader,
+           cfg: RunConfig, d: Dist) -> tuple[int, float | None]:
+    """Restore a run from its checkpoint: (the step to go on from, the last validation loss)."""
     ckpt = prep.ckpt
     model.load_state_dict(ckpt["model"])
     optimizer = updater.optimizer
     ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
-    for group, settings in zip(optimizer.param_groups, ours):  # but weight decay, betas, fused... are
-        group.update(settings)  # this run's, not the checkpoint's
+    for group, settings in zip(optimizer.param_groups, ours):  # but weight decay, betas, fused...
+        group.update(settings)  # are this run's, not the checkpoint's
     if updater.scaler is not None and ckpt.get("scaler"):
         updater.scaler.load_state_dict(ckpt["scaler"])
     updater.skipped_total = ckpt.get("skipped_steps", 0)
     saved = ckpt["run_config"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-               for k in ("seed", "seq_len", "total_batch_size", "input", "data_dir") if saved.get(k) != getattr(cfg, k)]
+               for k in ("seed", "seq_len", "total_batch_size", "input", "data_dir")
+               if saved.get(k) != getattr(cfg, k)]
     if changed:
         print0(f"warning: {', '.join(changed)}: the data order differs from the original run")
     train_loader.load_state_dict(ckpt["train_loader"])
     if ckpt["world_size"] == d.world_size:
         set_rng_state(ckpt["rng"][d.rank], d.device_type)
     else:
-        print0(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: weights, "
-               f"optimizer, step and data position are kept (a step's data does not depend on the number of "
-               f"processes); per-process random states are not restored")
+        print0(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: "
+               f"weights, optimizer, step and data position are kept (a step's data does not depend on "
+               f"the number of processes); per-process random states are not restored")
     print0(f"resumed from {prep.ckpt_path} at step {ckpt['step']}")
     step, val_loss = ckpt["step"], ckpt.get("val_loss")
     prep.ckpt = None  # the only reference: its memory goes back before training starts
     return step, val_loss
 
 
-def save(step: int, cfg: RunConfig, d: Dist, model: GPT, updater: "Updater", train_loader: DataLoader,
-         val_loss: float | None):
+def save(step: int, cfg: RunConfig, d: Dist, model: GPT, updater: "Updater",
+         train_loader: DataLoader, val_loss: float | None):
     """A checkpoint after `step` updates: every rank's random state is gathered; rank 0 writes."""
     rngs = [None] * d.world_size
     if d.ddp:
@@ -1396,11 +1450,13 @@ def save(step: int, cfg: RunConfig, d: Dist, model: GPT, updater: "Updater", tra
         state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
                  "model": model.state_dict(), "optimizer": updater.optimizer.state_dict(),
                  "scaler": updater.scaler.state_dict() if updater.scaler else None,
-                 "train_loader": train_loader.state_dict(), "rng": rngs, "model_config": asdict(model.config),
-                 "run_config": asdict(cfg), "world_size": d.world_size, "val_loss": val_loss,
+                 "train_loader": train_loader.state_dict(), "rng": rngs,
+                 "model_config": asdict(model.config), "run_config": asdict(cfg),
+                 "world_size": d.world_size, "val_loss": val_loss,
                  "skipped_steps": updater.skipped_total}
     t0 = time.perf_counter()
-    on_rank0(d, lambda: save_checkpoint(cfg.log_dir, state, keep=cfg.keep_checkpoints))  # all ranks wait
+    # rank 0 writes, every rank waits (and raises its error, if any)
+    on_rank0(d, lambda: save_checkpoint(cfg.log_dir, state, keep=cfg.keep_checkpoints))
     print0(f"saved {checkpoint_path(cfg.log_dir, step)} ({time.perf_counter() - t0:.2f}s)")
 
 
@@ -1423,19 +1479,19 @@ class RunFolder:
 
     def prepare(self, resuming: bool, overwrite: bool):
         """Before anything is built: a folder, locked, holding no other run (unless resuming or
-        overwriting it: its files are deleted only by clear(), once everything else has been checked)."""
+        overwriting it: clear() deletes its files, once everything else has been checked)."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"--log-dir {self.path}: a file, not a folder; pass another --log-dir")
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another --log-dir"
-                              ) from None
+            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another "
+                              f"--log-dir") from None
         self.lock()
         if self.other_run() and not resuming and not overwrite:
-            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): continue "
-                              f"it with --resume auto, pass another --log-dir, or pass --overwrite to delete that "
-                              f"run first")
+            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): "
+                              f"continue it with --resume auto, pass another --log-dir, or pass "
+                              f"--overwrite to delete that run first")
 
     def lock(self):
         """Become the folder's one writer, or raise ConfigError naming the process that is."""
@@ -1446,29 +1502,32 @@ class RunFolder:
         try:
             fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another --log-dir") from None
+            raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another "
+                              f"--log-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for it to end, "
-                              f"or pass another --log-dir") from None
+            raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for "
+                              f"it to end, or pass another --log-dir") from None
         except OSError as e:  # a file system without locks (some network mounts)
-            print0(f"warning: --log-dir {self.path}: cannot be locked ({e.strerror}); one run at a time, please")
+            print0(f"warning: --log-dir {self.path}: cannot be locked ({e.strerror}); one run at a "
+                   f"time, please")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.lock_fd = fd  # held open (and locked) until the process exits
 
     def other_run(self) -> list[str]:
         """Files of a run in the folder: log.txt, latest, checkpoints, TensorBoard events."""
-        return [n for n in sorted(os.listdir(self.path)) if n in ("log.txt", "latest") or CHECKPOINT_NAME.fullmatch(n)
-                or n.startswith("events.out.tfevents.")]
+        return [n for n in sorted(os.listdir(self.path)) if n in ("log.txt", "latest")
+                or CHECKPOINT_NAME.fullmatch(n) or n.startswith("events.out.tfevents.")]
 
     def clear(self, overwrite: bool):
-        """With --overwrite, delete the other run's files; always, the temporary files of a killed save."""
+        """With --overwrite, delete the other run's files; always, the temporary files of a killed
+        save."""
         theirs = self.other_run() if overwrite else []
-        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]  # a killed save's
+        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]
         for n in theirs + stale:
             os.remove(os.path.join(self.path, n))
         if theirs:
@@ -1484,7 +1543,7 @@ TENSORBOARD_TAGS = {"train": "loss/train", "val": "loss/val", "hella": "hellaswa
 
 
 def print0(*args):
-    """print on rank 0 only (torchrun sets RANK in every process; a plain `python` run is rank 0)."""
+    """print on rank 0 only (torchrun sets RANK in every process; `python` runs rank 0 alone)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, flush=True)
 
@@ -1499,16 +1558,17 @@ def parse_record(line: str):
 
 
 class RunLog:
-    """The run's records: LOG_DIR/log.txt, one `STEP KIND VALUE` per line, and with --tensorboard the
-    same values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars in LOG_DIR. With log_dir
-    None (other ranks) it only prints."""
+    """The run's records: LOG_DIR/log.txt, one `STEP KIND VALUE` per line, and with --tensorboard
+    the same values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars in LOG_DIR. With
+    log_dir None (the other ranks, --eval-only) it only prints."""
 
     def __init__(self, log_dir: str | None, tensorboard: bool = False):
         self.log_dir, self.tensorboard, self.writer = log_dir, tensorboard, None
         self.path = os.path.join(log_dir, "log.txt") if log_dir else None
 
     def start(self, header_lines, resume_step=None):
-        """New run: write the header. Resumed run: keep the records before resume_step, then append."""
+        """A new run writes its header; a resumed one keeps the records before resume_step (the
+        later ones were made by the lost part of the run) and appends its header."""
         if self.path is None:
             return
         kept, dropped = [], 0
@@ -1517,17 +1577,19 @@ class RunLog:
                 for line in f:
                     record = parse_record(line)
                     if line.startswith("#") or (record and record[0] < resume_step):
-                        kept.append(line)  # later records were made by the lost part of the run
+                        kept.append(line)
                     elif record is None and line.strip():
                         dropped += 1
             if dropped:
-                print0(f"warning: {self.path}: dropped {dropped} line(s) that are not `STEP KIND VALUE` records")
-        atomic_write(self.path, lambda f: f.write("".join(kept + [f"# {h}\n" for h in header_lines]).encode()))
+                print0(f"warning: {self.path}: dropped {dropped} line(s) that are not `STEP KIND "
+                       f"VALUE` records")
+        text = "".join(kept + [f"# {h}\n" for h in header_lines]).encode()
+        atomic_write(self.path, lambda f: f.write(text))
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: TensorBoard hides the earlier files' points from this step on (the lost part of
-            # an interrupted run), so a resumed run continues the same curves
+            # purge_step: TensorBoard hides the earlier files' points from this step on (the lost
+            # part of an interrupted run), so a resumed run continues the same curves
             self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
 
     def record(self, step: int, kind: str, value: float, line: str | None = None):
@@ -1537,12 +1599,12 @@ class RunLog:
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumed runs compare exactly
+            f.write(f"{step} {kind} {float(value)!r}\n")  # full precision: resumes compare exactly
         if self.writer and kind in TENSORBOARD_TAGS:
             self.writer.add_scalar(TENSORBOARD_TAGS[kind], value, step)
 
     def scalars(self, step: int, **values):
-        """TensorBoard-only values of a step (lr, grad_norm, tokens_per_sec, mfu); not finite: left out."""
+        """TensorBoard-only values of a step (lr, grad_norm, tokens_per_sec, mfu), when finite."""
         for tag, value in values.items():
             if self.writer and value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, step)
@@ -1553,8 +1615,8 @@ class RunLog:
 
 
 def start_log(cfg: RunConfig, d: Dist, prep: Prepared, start_step: int) -> RunLog:
-    """Once everything is checked and built: --overwrite deletes the previous run's files, and log.txt
-    starts with the run header (a resumed run keeps its records before start_step)."""
+    """Once everything is checked and built: --overwrite deletes the previous run's files, and
+    log.txt starts with the run header (a resumed run keeps its records before start_step)."""
     on_rank0(d, lambda: prep.folder.clear(cfg.overwrite))
     log = RunLog(cfg.log_dir if d.is_main else None, cfg.tensorboard)
     log.start(run_header(cfg, d), resume_step=start_step if prep.ckpt_path else None)
@@ -1568,27 +1630,29 @@ def run_header(cfg: RunConfig, d: Dist) -> list[str]:
     import tiktoken
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=here, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     device = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type
-    return [f"command: {shlex.join(['train_gpt2.py', *cfg.argv])}",  # shlex: play.ipynb reads it back
+    return [f"command: {shlex.join(['train_gpt2.py', *cfg.argv])}",  # play.ipynb reads it back
             f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-            f"tiktoken {tiktoken.__version__}",
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy "
+            f"{np.__version__}, tiktoken {tiktoken.__version__}",
             f"device: {device} x {d.world_size}",
             f"git: {commit or 'unknown'}"]
 
 
-def run_summary(step_times: list[float], cfg: RunConfig, d: Dist, peak: float | None, flops_per_step: int) -> str:
-    """The run's speed in one line: the median step (the first, which compiles, left out), MFU and the
-    peak memory the GPU allocated."""
-    times = sorted(step_times[1:] or step_times) or [float("nan")]
-    dt = times[len(times) // 2]
-    line = f"done: {len(step_times)} steps, median {1000 * dt:.1f} ms/step, {cfg.total_batch_size / dt:,.0f} tokens/s"
+def run_summary(step_times: list, cfg: RunConfig, d: Dist, peak: float | None, flops_per_token):
+    """The run's speed in one line: the median step (leaving out the first, which compiles), MFU
+    and the most memory the GPU allocated."""
+    times = sorted(step_times[1:] or step_times) or [math.nan]
+    tokens_per_sec = cfg.total_batch_size / times[len(times) // 2]
+    line = (f"done: {len(step_times)} steps, median {1000 * times[len(times) // 2]:.1f} ms/step, "
+            f"{tokens_per_sec:,.0f} tokens/s")
     if peak:
-        line += f", mfu {100 * flops_per_step / dt / d.world_size / peak:.1f}%"
+        line += f", mfu {100 * flops_per_token * tokens_per_sec / d.world_size / peak:.1f}%"
     if d.device_type == "cuda":
         line += f", peak memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB"
     return line
@@ -1599,10 +1663,10 @@ def run_summary(step_times: list[float], cfg: RunConfig, d: Dist, peak: float | 
 
 
 class StopRequest:
-    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop: the loop finishes its step, saves a checkpoint
-    and exits 0. The first signal also puts back Python's own SIGINT handler, so a second Ctrl-C
-    interrupts at once (exit 130); checkpoints are written atomically, so the last complete one stays
-    loadable."""
+    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop: the loop finishes its step, saves a
+    checkpoint and exits 0. The first signal also gives SIGINT back to Python, so a second Ctrl-C
+    interrupts at once (exit 130); checkpoints are written atomically, so the last complete one
+    stays loadable."""
 
     def __init__(self):
         self.requested = False
@@ -1613,13 +1677,13 @@ class StopRequest:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if int(os.environ.get("RANK", "0")) == 0:  # os.write: print's buffer may be mid-write
-            os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                        f"(a second Ctrl-C stops at once)\n".encode())
+            os.write(2, f"{signal.Signals(signum).name}: saving a checkpoint after this step, then "
+                        f"stopping (a second Ctrl-C stops at once)\n".encode())
 
 
 def on_rank0(d: Dist, work):
-    """work() on rank 0 only; if it fails (a ConfigError, CheckpointError or OSError), every rank raises
-    the error (so that no rank waits forever in a collective for one that has exited)."""
+    """work() on rank 0 only; if it fails (a ConfigError, CheckpointError or OSError), every rank
+    raises the error (so that no rank waits forever in a collective for one that has exited)."""
     error = None
     if d.is_main:
         try:
@@ -1641,13 +1705,15 @@ def on_rank0(d: Dist, work):
 
 
 class TrainingError(UserError):
-    """Training cannot go on (non-finite losses or weights); the message names the last good checkpoint."""
+    """Training cannot go on (non-finite losses or weights); the message names the last good
+    checkpoint."""
 
 
 class Updater:
-    """optimizer.step(), guarded. In fp16 a GradScaler (grad_scaler) scales the loss and skips a step
-    whose gradients overflowed. In any precision a non-finite loss skips the update and is counted:
-    --max-bad-steps of them in a row stop the run, and so does an update that breaks the weights."""
+    """optimizer.step(), guarded. In fp16 a GradScaler (grad_scaler) scales the loss and skips a
+    step whose gradients overflowed. In any precision a non-finite loss skips the update and is
+    counted: --max-bad-steps of them in a row stop the run, and so does an update that breaks the
+    weights."""
 
     def __init__(self, optimizer, scaler, model: GPT, cfg: RunConfig):
         self.optimizer, self.scaler, self.model, self.cfg = optimizer, scaler, model, cfg
@@ -1660,7 +1726,7 @@ class Updater:
             scale = self.scaler.get_scale()
             if finite:
                 self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
-            self.scaler.update()  # lowers the scale after an overflow, raises it after 2,000 clean steps
+            self.scaler.update()  # halves the scale after an overflow, doubles it after 2,000 steps
             updated = finite and math.isfinite(norm)
             if self.scaler.get_scale() != scale:
                 overflow = "" if updated or not finite else " (gradients overflowed: update skipped)"
@@ -1673,20 +1739,23 @@ class Updater:
         self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
         if not finite:  # the update was skipped: the weights are those before the step
             self.skipped_total += 1
-            log.record(step, "skipped", self.skipped_total, f"non-finite loss {loss} / grad norm {norm}: "
-                       f"update skipped ({self.bad_in_a_row} in a row, {self.skipped_total} in all)")
+            log.record(step, "skipped", self.skipped_total, f"non-finite loss {loss} / grad norm "
+                       f"{norm}: update skipped ({self.bad_in_a_row} in a row, {self.skipped_total} "
+                       f"in all)")
             if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {step}: stopping. "
-                                    f"{self.last_good()}; lower --max-lr or raise --warmup-steps, then --resume "
-                                    f"auto")
-        # a huge learning rate can break the weights with finite gradients: one fused norm over all of them
-        if updated and not math.isfinite(torch.nn.utils.get_total_norm(list(self.model.parameters())).item()):
-            raise TrainingError(f"step {step}: the update made the weights non-finite or too large for fp32 "
-                                f"(--max-lr {self.cfg.max_lr} too high?); {self.last_good()}")
+                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {step}: "
+                                    f"stopping. {self.last_good()}; lower --max-lr or raise "
+                                    f"--warmup-steps, then --resume auto")
+        # a huge learning rate can break the weights with finite gradients: one fused norm of all
+        weights = torch.nn.utils.get_total_norm(list(self.model.parameters()))
+        if updated and not math.isfinite(weights.item()):
+            raise TrainingError(f"step {step}: the update made the weights non-finite or too large "
+                                f"for fp32 (--max-lr {self.cfg.max_lr} too high?); {self.last_good()}")
 
     def check_last_step(self, step: int):
         if self.bad_in_a_row:
-            raise TrainingError(f"the last step ({step}) was skipped: its loss was not finite; {self.last_good()}")
+            raise TrainingError(f"the last step ({step}) was skipped: its loss was not finite; "
+                                f"{self.last_good()}")
 
     def last_good(self) -> str:
         path = latest_checkpoint(self.cfg.log_dir)
@@ -1702,31 +1771,38 @@ def grad_scaler(device_type: str, dtype: torch.dtype):
 
 
 def auto_micro_batch(cfg: RunConfig, model: GPT, d: Dist, autocast) -> int:
-    """--batch-size auto: on CUDA the largest micro-batch that fits in memory (fit_micro_batch), the
-    same on every rank; elsewhere the largest divisor of the sequences per rank up to 8."""
+    """--batch-size auto: on CUDA the largest micro-batch that fits in memory (fit_micro_batch),
+    the same on every rank; elsewhere the largest divisor of the sequences per rank up to 8."""
     per_rank = cfg.total_batch_size // cfg.seq_len // d.world_size
     if d.device_type != "cuda":
         return max(b for b in range(1, min(per_rank, NO_PROBE_MICRO_BATCH) + 1) if per_rank % b == 0)
-    # held aside: AdamW's two fp32 moments, DDP's gradient buckets, and 512 MB for NCCL and the compiler
+    # held aside: AdamW's two fp32 moments, DDP's gradient buckets, 512 MB for NCCL and the compiler
     n_params = sum(p.numel() for p in model.parameters())
     reserve = (12 if d.ddp else 8) * n_params + (512 << 20)
-    B, too_big = fit_micro_batch(model, per_rank, cfg.seq_len, d.device, autocast, reserve_bytes=reserve)
+    error = None
+    try:
+        B, too_big = fit_micro_batch(model, per_rank, cfg.seq_len, d.device, autocast, reserve)
+    except ConfigError as e:  # not even one sequence fits: the other ranks must learn it too
+        B, too_big, error = 0, [], e
     if d.ddp:  # every rank must use the same B: the smallest that fits everywhere
         agreed = torch.tensor(B, device=d.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         B = int(agreed)
-    print0(f"--batch-size auto: micro-batch {B}" + (f" (out of memory at {', '.join(map(str, too_big))})"
-                                                     if too_big else ""))
+    if B == 0:
+        raise error or ConfigError(f"--batch-size auto: not even one sequence of --seq-len "
+                                   f"{cfg.seq_len} fits in another rank's GPU memory")
+    tried = f" (out of memory at {', '.join(map(str, too_big))})" if too_big else ""
+    print0(f"--batch-size auto: micro-batch {B}{tried}")
     return B
 
 
-def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int) -> tuple[int, list]:
-    """--batch-size auto on CUDA: the largest micro-batch that divides per_rank_seqs and trains in the
-    GPU's memory. Tries a forward and backward pass at (B, T) with reserve_bytes (the optimizer's
-    state, not yet allocated) held aside, and halves B on torch.OutOfMemoryError. The passes run
-    uncompiled (which needs more memory than compiled), on zeros, under a forked random state: no
-    weight, data or random number of the run changes, so it trains exactly as with --batch-size B.
-    Returns B and the sizes that did not fit."""
+def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int):
+    """--batch-size auto on CUDA: (the largest micro-batch that divides per_rank_seqs and trains in
+    the GPU's memory, the sizes that did not fit). Tries a forward and backward pass at (B, T) with
+    reserve_bytes (the optimizer's state, not yet allocated) held aside, and halves B on
+    torch.OutOfMemoryError. The passes run uncompiled (which needs more memory than compiled), on
+    zeros, under a forked random state: no weight, data or random number of the run changes, so it
+    trains exactly as with --batch-size B."""
 
     def fits(B):
         try:
@@ -1738,7 +1814,7 @@ def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve
                 loss.backward()
                 del held, x, loss
             return True
-        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS failing to allocate its workspace
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS failing to get a workspace
             if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower() \
                     and "ALLOC_FAILED" not in str(e):
                 raise
@@ -1752,8 +1828,8 @@ def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve
         too_big.append(B)
         smaller = [b for b in range(B // 2, 0, -1) if per_rank_seqs % b == 0]
         if not smaller:
-            raise ConfigError(f"--batch-size auto: not even one sequence of --seq-len {T} fits in GPU memory; "
-                              f"lower --seq-len or train a smaller model")
+            raise ConfigError(f"--batch-size auto: not even one sequence of --seq-len {T} fits in "
+                              f"GPU memory; lower --seq-len or train a smaller model")
         B = smaller[0]
     torch.cuda.empty_cache()
     return B, too_big
@@ -1765,18 +1841,19 @@ class CrossEntropy(torch.autograd.Function):
 
     With V = 50k classes the logits are the largest tensors of a step. F.cross_entropy's backward
     allocates and writes two new (N, V) tensors (a zeroed gradient for the NLL, then the
-    log-softmax's); here the gradient, (softmax - onehot(target)) / N, is written in place over the
-    saved fp32 log-probabilities, which are ours alone and not needed again. That is one (N, V) fp32
-    tensor less at the peak: 978 vs 1,161 MB resident for the shakespeare preset's step, 13 GB at
-    GPT-2 124M's B=64, T=1024; the step time is the same (1.00x, 2-core CPU). Eager mode only (CPU,
-    MPS, --no-compile): under torch.compile, GPT.forward uses F.cross_entropy, which the compiler fuses."""
+    log-softmax's); here the gradient, (softmax - onehot(target)) / N, is written in place over
+    the saved fp32 log-probabilities, which are ours alone and not needed again. That is one
+    (N, V) fp32 tensor less at the peak: 978 vs 1,161 MB resident for the shakespeare preset's
+    step, 13 GB at GPT-2 124M's B=64, T=1024; the step time is the same (1.00x, 2-core CPU). Eager
+    mode only (CPU, MPS, --no-compile): compiled, GPT.forward uses F.cross_entropy, which the
+    compiler fuses."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # fp32 even under autocast, no copy first
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # fp32 even under autocast
         ctx.save_for_backward(logp, targets)
         ctx.logits_dtype = logits.dtype
-        return F.nll_loss(logp, targets, ignore_index=-1)  # F.cross_entropy's value, to the last bit
+        return F.nll_loss(logp, targets, ignore_index=-1)  # F.cross_entropy's value, to the bit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -1793,11 +1870,11 @@ class CrossEntropy(torch.autograd.Function):
 def keep_freed_memory():
     """Speed, on Linux (glibc) CPUs: keep freed memory in the process instead of giving it back.
 
-    glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free, and the kernel
-    then zeroes each 4 KB page on first touch. A CPU training step allocates and frees its (tokens x
-    50304) logits and their gradient several times, so without this about a third of the step is
-    spent in page faults (shakespeare preset on a 2-core CPU: 2,200 -> 3,050 tokens/s). Memory that
-    is freed stays reserved by the process for the next step. No effect where mallopt is missing."""
+    glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free, and the
+    kernel then zeroes each 4 KB page on first touch. A CPU training step allocates and frees its
+    (tokens x 50304) logits and their gradient several times, so without this about a third of the
+    step is spent in page faults (shakespeare preset on a 2-core CPU: 2,200 -> 3,050 tokens/s).
+    Memory that is freed stays with the process. No effect where mallopt is missing."""
     import ctypes
 
     try:
@@ -1824,31 +1901,33 @@ GPU_PEAK_FLOPS = {
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Peak FLOP/s (GPU_PEAK_FLOPS) of a GPU from its torch.cuda.get_device_name(), or None if unknown.
+    """Peak FLOP/s (GPU_PEAK_FLOPS) of a GPU from its torch.cuda.get_device_name(), or None.
 
     Matched on the exact model, never a substring (an "L40S" is not an "L4"): the vendor words are
     dropped, the first word (two for "RTX 4090"-style names) is the model, and a PCIe or NVL form
     factor, which runs at a lower clock, is added when the name says so: "NVIDIA H100 80GB HBM3" ->
     "H100", "NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"."""
-    words = [w for w in re.split(r"[\s\-_]+", device_name.upper()) if w and w not in ("NVIDIA", "TESLA", "GEFORCE")]
+    words = [w for w in re.split(r"[\s\-_]+", device_name.upper())
+             if w and w not in ("NVIDIA", "TESLA", "GEFORCE")]
     if not words or "MIG" in words:  # a MIG slice has a fraction of the GPU's peak
         return None
     n = 2 if words[0] in ("RTX", "QUADRO") and len(words) > 1 else 1
-    n += sum(1 for w in words[n : n + 2] if w in ("TI", "SUPER", "D"))  # "RTX 3090 Ti" is not an "RTX 3090"
+    n += sum(1 for w in words[n : n + 2] if w in ("TI", "SUPER", "D"))  # a 3090 Ti is no 3090
     model = " ".join(words[:n])
     form = next((f for f in ("PCIE", "NVL") if f in words[1:]), None)
     table = {key.upper(): flops for key, flops in GPU_PEAK_FLOPS.items()}
     return table.get(f"{model} {form}") or table.get(model)
 
 
-def compile_default(device_type: str, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
-    """Whether to torch.compile when --compile is not given, and why not on a GPU: on for CUDA GPUs of
-    compute capability 7.0 and up, the oldest that the compiler's GPU backend (Triton) supports; a GTX
-    10xx, P100 or P40 (6.x) would fail at the first step, so it runs eager."""
+def compile_default(device_type: str, capability: tuple[int, int] | None = None):
+    """(whether to torch.compile when --compile is not given, why not on a GPU): on for CUDA GPUs
+    of compute capability 7.0 and up, the oldest that the compiler's GPU backend (Triton) supports;
+    a GTX 10xx, P100 or P40 (6.x) would fail at the first step, so it runs eager."""
     if device_type != "cuda":
         return False, ""
     if capability < (7, 0):
-        return False, f" (Triton needs compute capability 7.0, this GPU has {capability[0]}.{capability[1]})"
+        major, minor = capability
+        return False, f" (Triton needs compute capability 7.0, this GPU has {major}.{minor})"
     return True, ""
 
 
@@ -1859,19 +1938,21 @@ def compile_choice(cfg: RunConfig, d: Dist) -> tuple[bool, str]:
     return compile_default(d.device_type, capability)
 
 
-# DDP's option to broadcast buffers before each forward pass (newer torch names it forward_sync_buffers)
-DDP_BUFFER_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-    else "broadcast_buffers"
+# DDP's option to broadcast buffers before each forward pass (torch 2.13 renamed it)
+DDP_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers")
 
 
 def make_deterministic():
-    """--deterministic: the same command gives the same losses to the bit. Runs before the first CUDA call.
+    """--deterministic (the default on CPU): the same command gives the same losses to the bit.
 
-    CPU: torch's matmuls run in MKL, whose dynamic threading may use fewer threads when the machine
-    is busy, which changes the order of the sums (busy 2-core machines: losses of one command differed
-    by up to 3e-5). torch.set_num_threads switches that off (at::set_num_threads calls
-    mkl_set_dynamic(false)). CUDA: cuBLAS's workspaces and kernels with atomic adds reorder sums too;
-    torch then takes deterministic kernels where it has them and warns for an operation without one."""
+    CPU: torch's matmuls run in MKL, whose dynamic threading may use fewer threads when the
+    machine is busy, which changes the order of the sums (busy 2-core machines: losses of one
+    command differed by up to 3e-5). torch.set_num_threads switches that off (at::set_num_threads
+    calls mkl_set_dynamic(false)); that cost nothing measurable (shakespeare preset, 2-core AMD
+    EPYC, 3 runs each in turn: median 1,958 vs 1,969 tokens/s). CUDA: cuBLAS's workspaces and
+    kernels with atomic adds reorder sums too; torch then takes deterministic kernels where it has
+    them, and warns where not."""
     torch.set_num_threads(torch.get_num_threads())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -1890,20 +1971,22 @@ def evaluate_only(cfg: RunConfig, d: Dist, prep: Prepared):
         print0(f"loaded {prep.ckpt_path} (step {step})")
     else:
         model, step = load_model(cfg.init_from), 0
+    check_model(cfg, model, prep)
     model.to(d.device).eval()
     autocast = autocast_context(d.device_type, prep.dtype)
     log = RunLog(None)  # prints only
     if cfg.val_every:
         B = NO_PROBE_MICRO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
-        loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size, shuffle=False)
+        loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                            shuffle=False)
         val_loss = validation_loss(model, loader, prep.val_seqs, d.device, autocast)
         log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
     if cfg.hellaswag_every:
-        result = hellaswag.evaluate(model, prep.hellaswag, device=d.device, autocast=autocast, rank=d.rank,
-                                    world_size=d.world_size)
+        result = hellaswag.evaluate(model, prep.hellaswag, device=d.device, autocast=autocast,
+                                    rank=d.rank, world_size=d.world_size)
         log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
-    for i, text in enumerate(sample_text(model, cfg.prompt, cfg.num_samples, cfg.sample_tokens, d.device,
-                                         autocast, seed=cfg.seed + 1000 * d.rank + step)):
+    for i, text in enumerate(sample_text(model, cfg.prompt, cfg.num_samples, cfg.sample_tokens,
+                                         d.device, autocast, seed=cfg.seed + 1000 * d.rank + step)):
         print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
     export(model, cfg, d)
 
@@ -1912,9 +1995,9 @@ def main(argv=None):
     d = None
     try:
         cfg = parse_args(argv)
-        if cfg.deterministic:
-            make_deterministic()
         d = setup_distributed(cfg.device)
+        if cfg.deterministic or (cfg.deterministic is None and d.device_type == "cpu"):
+            make_deterministic()  # before the first matmul (cuBLAS reads its setting then)
         if d.device_type == "cpu":
             keep_freed_memory()
         prep = preflight(cfg, d)

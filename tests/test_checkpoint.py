@@ -179,19 +179,20 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
 
 
 def test_deterministic_runs_repeat_to_the_bit_with_the_default_threads(tmp_path):
-    """--deterministic with torch's own number of threads (not the tests' one): two runs of a command
-    log the same losses to the bit, and a run stopped by SIGTERM then resumed equals them."""
+    """With torch's own number of threads (not the tests' one), --deterministic, which CPU runs get by
+    default: two runs of a command log the same losses to the bit, and a run stopped by SIGTERM then
+    resumed equals them."""
     env = {k: v for k, v in env1().items() if k != "OMP_NUM_THREADS"}
-    args = [*TINY, "--batch-size", "8", "--max-steps", "40", "--val-every", "10", "--checkpoint-every", "10",
-            "--deterministic"]
+    args = [*TINY, "--batch-size", "8", "--max-steps", "24", "--val-every", "8", "--checkpoint-every", "8"]
 
     def run(name, *extra, **patches):
         return run_train(*args, "--log-dir", str(tmp_path / name), *extra, extra_env=env, **patches)
 
-    run("a")
-    run("b")
+    p = run("a")
+    assert "deterministic: True" in p.stdout  # the CPU default
+    run("b", "--deterministic")
     assert_same_records(tmp_path / "a", tmp_path / "b")
-    p = run("c", sigterm_at=17)
-    assert "stopped by signal after step 17" in p.stdout
+    p = run("c", sigterm_at=13)
+    assert "stopped by signal after step 13" in p.stdout
     run("c", "--resume", "auto")
     assert_same_records(tmp_path / "a", tmp_path / "c")

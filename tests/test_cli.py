@@ -171,6 +171,19 @@ def test_eval_only_of_a_pretrained_model_and_export(tmp_path, tiny_hf_dir):
                                                                                           3303, 2746, 11]
 
 
+def test_eval_only_reads_only_what_it_uses_and_checks_the_sequence_length(trained, tmp_path, tiny_hf_dir):
+    # without validation, no data is read (the training data may be on another machine)
+    out = tmp_path / "hf"
+    run_train("--eval-only", "--resume", "auto", "--log-dir", str(trained), "--device", "cpu", "--val-every", "0",
+              "--hellaswag-every", "0", "--sample-tokens", "2", "--data-dir", str(tmp_path / "nowhere"),
+              "--input", "", "--batch-size", "3", "--export-hf", str(out))
+    assert (out / "config.json").exists()
+    # a sequence longer than the pretrained model's position table: one line, before anything runs
+    p = run_train("--eval-only", "--init-from", tiny_hf_dir, "--input", SHAKESPEARE, "--seq-len", "256",
+                  "--device", "cpu", "--log-dir", str(tmp_path / "log"), check=False)
+    one_line_error(p, "--seq-len 256 exceeds the model's block_size 128")
+
+
 def test_export_after_training_gives_the_same_logits(trained, tmp_path):
     out = tmp_path / "hf"
     run_train(*ARGS, "--max-steps", "2", "--checkpoint-every", "2", "--export-hf", str(out), "--log-dir",

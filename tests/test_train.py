@@ -437,9 +437,10 @@ def test_compiled_model_sees_one_layout_and_two_graphs():
 
 
 def test_ddp_wraps_the_model_before_compiling_and_equals_one_process(tmp_path):
-    args = [*TINY, "--compile", "--max-steps", "3", "--val-every", "3"]
+    """Two gloo ranks, DDP-wrapped then compiled, against one eager process (TINY is eager)."""
+    args = [*TINY, "--max-steps", "3", "--val-every", "3"]
     run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))
-    p = run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)
+    p = run_train(*args, "--compile", "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)
     assert "compile: True" in p.stdout
     ref, got = read_log(tmp_path / "one"), read_log(tmp_path / "ddp")
     assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in ref]
