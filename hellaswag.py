@@ -337,9 +337,10 @@ def evaluate(model, examples, *, device, batch_size=16, autocast=contextlib.null
 
 def summary(result: dict, split: str = "val") -> str:
     """The one line of a result, for the CLI and for training."""
-    line = f"hellaswag {split}: n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f}"
-    if result["cropped"]:
-        line += (f" ({result['cropped']} examples longer than block_size {result['block_size']}: contexts "
+    r = result
+    line = f"hellaswag {split}: n={r['n']} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}"
+    if r["cropped"]:
+        line += (f" ({r['cropped']} examples longer than block_size {r['block_size']}: contexts "
                  f"cropped from the left)")
     return line
 
@@ -349,21 +350,25 @@ def summary(result: dict, split: str = "val") -> str:
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(prog="hellaswag.py", description="HellaSwag accuracy (completion style) of a GPT-2 "
-                           "model")
+    parser = OneLineParser(prog="hellaswag.py",
+                           description="HellaSwag accuracy (completion style) of a GPT-2 model")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("-m", "--model", default="gpt2", help="Hugging Face model name (gpt2, gpt2-medium, "
-                        "gpt2-large, gpt2-xl) or local HF directory (default gpt2)")
+    source.add_argument("-m", "--model", default="gpt2", help="Hugging Face model name (gpt2, "
+                        "gpt2-medium, gpt2-large, gpt2-xl) or local HF directory (default gpt2)")
     source.add_argument("--checkpoint", default=None, help="a train_gpt2.py checkpoint (.pt)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast precision (auto: bf16 on GPUs with bf16 hardware, fp16 on older GPUs, "
-                        "fp32 on CPU and MPS)")
-    parser.add_argument("--batch-size", type=number(int, 1), default=16, help="examples per forward pass")
-    parser.add_argument("--limit", type=number(int, 0), default=None, help="score only the first N examples "
-                        "(0: all)")
-    parser.add_argument("--data", default=None, help="a local HellaSwag JSON-lines file instead of the download")
-    parser.add_argument("--split", default="val", choices=SPLITS, help="which split to download (default val)")
+                        help="autocast precision (auto: bf16 on GPUs with bf16 hardware, fp16 on "
+                        "older GPUs, fp32 on CPU and MPS)")
+    parser.add_argument("--batch-size", type=number(int, 1), default=16,
+                        help="examples per forward pass")
+    parser.add_argument("--limit", type=number(int, 0), default=None,
+                        help="score only the first N examples (0: all)")
+    parser.add_argument("--data", default=None,
+                        help="a local HellaSwag JSON-lines file instead of the download")
+    parser.add_argument("--split", default="val", choices=SPLITS,
+                        help="which split to download (default val)")
     parser.add_argument("--out", default=None,
                         help="write n, acc, acc_norm and per-example predictions to this JSON file")
     return parser.parse_args(argv)
@@ -372,8 +377,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     # The command line borrows the model loader, the device setup and the precision decision from
-    # train_gpt2.py, which imports this file as `hellaswag`: run as a script, this file is `__main__`,
-    # so it is registered under its name first (one module, one HellaSwagError, not two)
+    # train_gpt2.py, which imports this file as `hellaswag`: run as a script, this file is
+    # `__main__`, so it goes in under its name first (one module, one HellaSwagError, not two)
     sys.modules.setdefault("hellaswag", sys.modules[__name__])
     import train_gpt2 as tg
 
@@ -384,18 +389,19 @@ def main(argv=None):
         examples = load_examples(args.data, split=args.split, limit=args.limit)
         source = args.checkpoint or args.model
         model = tg.load_model(source, d.device)
-        tg.print0(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, device "
-                  f"{d.device} ({tg.dtype_name(dtype)}), {d.world_size} process(es)")
+        tg.print0(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
+                  f"device {d.device} ({tg.dtype_name(dtype)}), {d.world_size} process(es)")
         t0 = time.time()
         result = evaluate(model, examples, device=d.device, batch_size=args.batch_size, rank=d.rank,
                           world_size=d.world_size, autocast=tg.autocast_context(d.device_type, dtype),
                           progress=d.is_main)
         elapsed = time.time() - t0
-        tg.print0(f"scored {result['n']} examples in {elapsed:.1f} s ({result['n'] / max(elapsed, 1e-9):.1f} "
-                  f"examples/s)")
+        tg.print0(f"scored {result['n']} examples in {elapsed:.1f} s "
+                  f"({result['n'] / max(elapsed, 1e-9):.1f} examples/s)")
         if args.out and d.is_main:
             keys = ("n", "cropped", "correct", "correct_norm", "acc", "acc_norm", "predictions")
-            record = {"split": args.split, "data": args.data, "model": source, **{k: result[k] for k in keys}}
+            record = {"split": args.split, "data": args.data, "model": source,
+                      **{k: result[k] for k in keys}}
             atomic_write(args.out, lambda f: f.write(json.dumps(record).encode()))
         tg.print0(summary(result, args.split))
     except (UserError, OSError, ValueError) as e:

@@ -487,3 +487,16 @@ def test_miniseries_presets_have_gpt2s_shapes_and_pass_preflight(preset, hf_shap
     prep = tg.preflight(cfg, tg.setup_distributed("cpu"))
     assert tg.count_sequences(prep.train[0], cfg.seq_len) * cfg.seq_len >= cfg.total_batch_size
     assert prep.val_seqs >= 1 and len(prep.hellaswag) == 10042
+
+
+def test_readme_names_where_the_two_parts_of_train_gpt2_begin():
+    """README's "How to read the code" gives Part 1's line range and where Part 2 starts."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    lines = open(os.path.join(ROOT, "train_gpt2.py")).read().splitlines()
+    part2 = lines.index("# PART 2: RUNNING IT FOR REAL")  # 0-based: the ruler above it is line part2
+    loop = next(i for i, line in enumerate(lines) if line.strip().startswith("for step in range("))
+    assert loop < part2 - 3  # the training loop is in Part 1
+    m = re.search(r"\(lines\s+1-(\d+)\).*?\(from line (\d+)\)", readme, re.S)
+    assert m and (int(m[1]), int(m[2])) == (part2 - 2, part2), (m and m.groups(), part2)
