@@ -25,6 +25,7 @@ import argparse
 import inspect
 import math
 import os
+import pickle
 import random
 import re
 import shlex
@@ -1257,12 +1258,23 @@ def check_model(cfg: RunConfig, model: GPT, prep: Prepared):
 # The run folder, checkpoints and resume
 
 CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
-CHECKPOINT_VERSION = 1
+# 2: tensors and plain values only, so torch's restricted unpickler reads it (1 pickled a NumPy array)
+CHECKPOINT_VERSION = 2
+# what the readers take from a checkpoint, and its type ("scaler", "val_loss", "skipped_steps" are
+# optional)
+CHECKPOINT_KEYS = {"step": int, "model": dict, "model_config": dict, "run_config": dict,
+                   "optimizer": dict, "train_loader": dict, "rng": list, "world_size": int}
+CONVERT = "python -c \"import train_gpt2; train_gpt2.convert_checkpoint('{}')\""
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d{6,})\.pt")
 
 
 class CheckpointError(UserError):
     """A checkpoint or model that cannot be used (truncated, foreign, or for another model)."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint of another format, or one that would run code: --resume auto stops at it
+    rather than going back to an older checkpoint."""
 
 
 def read_checkpoint(path: str) -> dict:
@@ -1273,19 +1285,77 @@ def read_checkpoint(path: str) -> dict:
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
         raise CheckpointError(f"{path}: {what}")
     try:
+        # weights_only: torch's restricted unpickler builds tensors and plain values, never other
+        # objects, so a checkpoint from elsewhere cannot run code while it loads.
         # mmap: the tensors are read from the file as they are copied to the device, so the ranks
         # of a node do not each hold a whole checkpoint (25 GB for GPT-2 1558M) in memory
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # truncated zip, random bytes, a pickle of something else...
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found[1] if found else "not a tensor"
+        raise CheckpointFormatError(f"{path}: holds a Python object ({what}) that loading would "
+                                    f"have to run code to build: refused. If it is a checkpoint of "
+                                    f"train_gpt2.py before format 2 and you trust where it came "
+                                    f"from, convert it: {CONVERT.format(path)}") from None
+    except Exception as e:  # truncated zip, random bytes...
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be "
-                              f"truncated by a crash during saving: use an earlier checkpoint") from None
+                              f"truncated by a crash during saving: use an earlier checkpoint"
+                              ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no {CHECKPOINT_FORMAT!r} "
                               f"marker)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('version')}, this "
-                              f"script reads {CHECKPOINT_VERSION}")
+        raise CheckpointFormatError(f"{path}: checkpoint format version {ckpt.get('version')}, "
+                                    f"this script reads {CHECKPOINT_VERSION}")
+    problems = [f"{key} ({kind.__name__})" for key, kind in CHECKPOINT_KEYS.items()
+                if not isinstance(ckpt.get(key), kind)]
+    if not problems:  # one level down: what load_state_dict and set_rng_state read
+        problems = model_problems(ckpt["model_config"], ckpt["model"])
+        problems += [f"{key}[{name!r}]" for key, names in (("optimizer", ("state", "param_groups")),
+                     ("train_loader", ("position",))) for name in names if name not in ckpt[key]]
+        rng_keys = {"python", "numpy", "torch"}
+        if len(ckpt["rng"]) != ckpt["world_size"] or not all(
+                isinstance(r, dict) and rng_keys <= set(r) for r in ckpt["rng"]):
+            problems.append(f"rng (one dict of {', '.join(sorted(rng_keys))} per process)")
+    if problems:
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise CheckpointError(f"{path}: a damaged checkpoint: missing or wrong: "
+                              f"{', '.join(problems[:4])}{more}")
     return ckpt
+
+
+def model_problems(model_config: dict, weights: dict) -> list[str]:
+    """What keeps a checkpoint's weights from loading into the GPT its model_config describes (the
+    model is built on the meta device: no memory, no time)."""
+    fields = set(GPTConfig.__dataclass_fields__)
+    if set(model_config) - fields:
+        return [f"model_config (unknown {', '.join(sorted(set(model_config) - fields))})"]
+    try:
+        with torch.device("meta"):
+            expected = GPT(GPTConfig(**model_config)).state_dict()
+    except (TypeError, ValueError) as e:  # a value of the wrong type
+        return [f"model_config ({e})"]
+    problems = [f"model[{name!r}] (a tensor of shape {tuple(t.shape)})" for name, t in expected.items()
+                if not (isinstance(weights.get(name), torch.Tensor) and weights[name].shape == t.shape)]
+    return problems + [f"model[{name!r}] (not in this model)" for name in set(weights) - set(expected)]
+
+
+def convert_checkpoint(path: str):
+    """Rewrite a checkpoint of format 1 (train_gpt2.py before format 2) as format 2, in place. It
+    unpickles the file with Python's full unpickler, which can run code: only for a file you trust."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+            and ckpt.get("version") == 1):
+        raise CheckpointError(f"{path}: not a format 1 train_gpt2.py checkpoint")
+    for state in ckpt["rng"]:
+        state["numpy"] = plain_numpy_state(state["numpy"])
+    ckpt["run_config"]["given"] = sorted(ckpt["run_config"]["given"])
+    ckpt["version"] = CHECKPOINT_VERSION
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+    read_checkpoint(path)
+    print(f"converted {path} to checkpoint format {CHECKPOINT_VERSION}")
 
 
 def model_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
@@ -1312,11 +1382,18 @@ def load_model(source: str, device="cpu", dropout: float = 0.0) -> GPT:
 
 def rng_state(device_type: str) -> dict:
     """The random states a run draws from: Python's, NumPy's, torch's CPU one and the device's."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    state = {"python": random.getstate(), "numpy": plain_numpy_state(np.random.get_state()),
              "torch": torch.get_rng_state()}
     if device_type in ("cuda", "mps"):
         state[device_type] = getattr(torch, device_type).get_rng_state()
     return state
+
+
+def plain_numpy_state(state: tuple) -> tuple:
+    """NumPy's random state with its key as a list of ints, not an array: a checkpoint holds no
+    NumPy objects (np.random.set_state takes it back as it is)."""
+    name, key, *rest = state
+    return (name, [int(k) for k in key], *rest)
 
 
 def set_rng_state(state: dict, device_type: str):
@@ -1390,6 +1467,8 @@ def find_resume_checkpoint(cfg: RunConfig) -> tuple[str | None, dict | None]:
     while path is not None:
         try:
             return path, read_checkpoint(path)
+        except CheckpointFormatError:
+            raise
         except CheckpointError as e:
             print0(f"warning: {e}; trying an older one")
             path = latest_checkpoint(cfg.log_dir, before=int(CHECKPOINT_NAME.search(path)[1]))
@@ -1451,7 +1530,8 @@ def save(step: int, cfg: RunConfig, d: Dist, model: GPT, updater: "Updater",
                  "model": model.state_dict(), "optimizer": updater.optimizer.state_dict(),
                  "scaler": updater.scaler.state_dict() if updater.scaler else None,
                  "train_loader": train_loader.state_dict(), "rng": rngs,
-                 "model_config": asdict(model.config), "run_config": asdict(cfg),
+                 "model_config": asdict(model.config),
+                 "run_config": {**asdict(cfg), "given": sorted(cfg.given)},
                  "world_size": d.world_size, "val_loss": val_loss,
                  "skipped_steps": updater.skipped_total}
     t0 = time.perf_counter()

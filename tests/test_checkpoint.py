@@ -1,10 +1,12 @@
 """Checkpoints: exact resume after SIGTERM and SIGKILL, safe writes, NaN skipping, bad state."""
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_sigterm_mid_run_then_resume_equals_unbroken(unbroken, tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err[-2000:]
     assert "stopped by signal" in out
-    stopped_at = torch.load(tg.latest_checkpoint(str(d)), weights_only=False)["step"]
+    stopped_at = tg.read_checkpoint(tg.latest_checkpoint(str(d)))["step"]
     assert 30 <= stopped_at < 100
     p = run_train(*ARGS, "--log-dir", str(d), "--resume", "auto")
     assert "resumed from" in p.stdout and f"at step {stopped_at}" in p.stdout
@@ -108,7 +110,7 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
         time.sleep(delay)  # then kill it somewhere inside a later save
         p.kill()
         p.communicate()
-        ckpt = tg.read_checkpoint(tg.latest_checkpoint(d))  # loads: never a half-written file
+        ckpt = torch.load(tg.latest_checkpoint(d), weights_only=True)  # loads: never a half-written file
         assert ckpt["blob"][0].item() == ckpt["step"]
         assert not [n for n in os.listdir(d) if n.endswith(".pt") and n != os.path.basename(tg.latest_checkpoint(d))
                     and not n.startswith("ckpt_")]
@@ -127,7 +129,7 @@ def test_interrupted_save_keeps_previous_and_leaves_no_temp_file(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         tg.save_checkpoint(d, state(2), keep=3)
     assert sorted(os.listdir(d)) == ["ckpt_000001.pt", "latest"]
-    assert tg.read_checkpoint(tg.latest_checkpoint(d))["step"] == 1
+    assert torch.load(tg.latest_checkpoint(d), weights_only=True)["step"] == 1
 
 
 def test_keep_last_checkpoints(tmp_path):
@@ -176,6 +178,81 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     p = run_train(*ARGS, "--max-steps", "3", "--n-layer", "3", "--resume", str(good), "--log-dir", str(tmp_path / "y"),
                   check=False)
     assert p.returncode == 1 and "n_layer: checkpoint 2, now 3" in p.stderr and "Traceback" not in p.stderr
+
+    # a checkpoint without each key the readers use, or with a part of the wrong type or shape
+    ckpt = tg.read_checkpoint(str(good))
+    cases = [({k: v for k, v in ckpt.items() if k != key}, f"{key} (") for key in tg.CHECKPOINT_KEYS]
+    weights = {k: v for k, v in ckpt["model"].items() if k != "lm_head.weight"}
+    cases += [({**ckpt, "step": "2"}, "step (int)"),
+              ({**ckpt, "model": weights}, "model['lm_head.weight'] (a tensor of shape (50304, 32))"),
+              ({**ckpt, "model": {**ckpt["model"], "transformer.wpe.weight": torch.zeros(3)}},
+               "model['transformer.wpe.weight'] (a tensor of shape (32, 32))"),
+              ({**ckpt, "model_config": {**ckpt["model_config"], "n_layers": 2}}, "model_config (unknown n_layers)"),
+              ({**ckpt, "optimizer": {"state": {}}}, "optimizer['param_groups']"),
+              ({**ckpt, "train_loader": {}}, "train_loader['position']"),
+              ({**ckpt, "rng": []}, "rng (one dict of numpy, python, torch per process)")]
+    damaged = tmp_path / "damaged.pt"
+    for state, message in cases:
+        torch.save(state, damaged)
+        with pytest.raises(tg.CheckpointError, match="damaged checkpoint") as e:
+            tg.read_checkpoint(str(damaged))
+        assert str(damaged) in str(e.value) and message in str(e.value) and "\n" not in str(e.value), (message, e.value)
+    p = run_train(*ARGS, "--eval-only", "--resume", str(damaged), check=False)  # the last case, on the command line
+    assert p.returncode == 1 and p.stderr.strip() == f"train_gpt2.py: error: {damaged}: a damaged checkpoint: missing " \
+        f"or wrong: rng (one dict of numpy, python, torch per process)", p.stderr
+
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): it stands for any code a crafted checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoint_that_would_run_code_is_refused_by_every_reader(tmp_path, shared_data):
+    crafted = tmp_path / "crafted.pt"
+    created = tmp_path / "created-by-the-checkpoint"
+    torch.save({"format": tg.CHECKPOINT_FORMAT, "version": tg.CHECKPOINT_VERSION, "step": 1,
+                "model": {"transformer.wte.weight": RunsCode(str(created))}}, crafted)
+    refused = f"{crafted}: holds a Python object (io.open) that loading would have to run code to build: refused"
+    for load in (tg.read_checkpoint, tg.load_model):  # load_model: --init-from, the notebook, bench.hellaswag
+        with pytest.raises(tg.CheckpointFormatError, match="refused"):
+            load(str(crafted))
+    hellaswag = [sys.executable, os.path.join(ROOT, "hellaswag.py"), "--checkpoint", str(crafted),
+                 "--data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--limit", "2"]
+    for cmd in (train_cmd(*ARGS, "--resume", str(crafted), "--log-dir", str(tmp_path / "a")),
+                train_cmd(*ARGS, "--eval-only", "--resume", str(crafted)), hellaswag):
+        p = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and refused in p.stderr, p.stderr
+        assert "convert it: python -c" in p.stderr  # the way out for an old checkpoint one trusts
+    assert not created.exists()
+    torch.load(crafted, weights_only=False)  # the full unpickler runs the code: the test can see it
+    assert created.exists()
+
+
+def test_format_1_checkpoint_is_refused_then_converted_and_resumes_exactly(unbroken, tmp_path):
+    d = tmp_path / "run"
+    run_train(*ARGS, "--log-dir", str(d), sigterm_at=50)
+    path = tg.latest_checkpoint(str(d))
+    # the checkpoint as train_gpt2.py wrote it before format 2: NumPy's random state with its array,
+    # the given flags as a frozenset (both need the full unpickler)
+    ckpt = torch.load(path, weights_only=True)  # not mmap: the file is rewritten below
+    for state in ckpt["rng"]:
+        name, key, *rest = state["numpy"]
+        state["numpy"] = (name, np.array(key, dtype=np.uint32), *rest)
+    ckpt["run_config"]["given"] = frozenset(ckpt["run_config"]["given"])
+    torch.save({**ckpt, "version": 1}, path)
+    p = run_train(*ARGS, "--log-dir", str(d), "--resume", "auto", check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr  # not skipped for an older one
+    assert f"{path}: holds a Python object (numpy." in p.stderr and tg.CONVERT.format(path) in p.stderr
+    python, *args = shlex.split(tg.CONVERT.format(path))  # the documented command
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env1(), check=True, timeout=120)
+    assert tg.read_checkpoint(path)["version"] == tg.CHECKPOINT_VERSION
+    run_train(*ARGS, "--log-dir", str(d), "--resume", "auto")
+    assert_same_records(unbroken, d)
 
 
 def test_deterministic_runs_repeat_to_the_bit_with_the_default_threads(tmp_path):
