@@ -1,7 +1,7 @@
 """
 bench/fineweb.py: how fast fineweb.py turns text into shards, next to two yardsticks.
 
-    python -m bench.fineweb                              # ~45 MB corpus from ../shared/data
+    python -m bench.fineweb                              # ~45 MB corpus from the test data
     python -m bench.fineweb --corpus-mb 20 --repeat 1    # quicker
     python -m bench.fineweb --data-dir /path/to/data --workers 8
 
@@ -39,20 +39,24 @@ import psutil
 
 import fineweb
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")  # ../shared/data beside the repository
 
 
 # -----------------------------------------------------------------------------------------------
 # Corpus
 
 
-def corpus_documents(data_dir: str) -> list[str]:
-    """Tiny Shakespeare paragraphs, then each HellaSwag context with each of its four endings."""
+def corpus_documents(data_dir: str | None) -> list[str]:
+    """Tiny Shakespeare paragraphs, then each HellaSwag context with each of its four endings (from
+    data_dir, else where bench/data.py finds them)."""
+    from bench.data import data_file
+
+    def path(name):
+        return os.path.join(data_dir, name) if data_dir else data_file(name)
+
     docs = []
-    with open(os.path.join(data_dir, "tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(path("tinyshakespeare.txt"), encoding="utf-8") as f:
         docs += [p for p in f.read().split("\n\n") if p.strip()]
-    with open(os.path.join(data_dir, "hellaswag_val.jsonl"), encoding="utf-8") as f:
+    with open(path("hellaswag_val.jsonl"), encoding="utf-8") as f:
         for line in f:
             example = json.loads(line)
             docs += [example["ctx"] + " " + ending for ending in example["endings"]]
@@ -257,7 +261,8 @@ def peak_memory(method) -> tuple[int, int]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=DEFAULT_DATA, help="folder with tinyshakespeare.txt and hellaswag_val.jsonl")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with tinyshakespeare.txt and hellaswag_val.jsonl (default: bench/data.py finds them)")
     p.add_argument("--corpus-mb", type=float, default=40, help="megabytes of text in the corpus")
     p.add_argument("--shard-size", type=int, default=2 * 10**6, help="tokens per shard for (a) and (b)")
     p.add_argument("--workers", type=int, default=fineweb.available_cpus(), help="processes for (a), (c) and (c')")
@@ -275,7 +280,7 @@ def main():
         cpu = os.cpu_count()
         print(
             f"corpus: {info['documents']:,} documents, {info['bytes'] / 1e6:.1f} MB of text "
-            f"({info['copies']} copies of {args.data_dir}); {cpu} CPUs; workers {args.workers}; "
+            f"({info['copies']} copies of {args.data_dir or 'the test data'}); {cpu} CPUs; workers {args.workers}; "
             f"shards of {args.shard_size:,} tokens; best of {args.repeat}"
         )
         batch = fineweb.BuildConfig.batch_chars

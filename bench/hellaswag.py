@@ -14,7 +14,7 @@ predictions agree (they must: same numbers up to float rounding).
     python -m bench.hellaswag --device cuda --full-124m --limit 0 --batch-size 64   # all 10,042, GPT-2 124M shapes
 
 Defaults: a random-weights GPT with n_layer=4, n_head=4, n_embd=256, block_size=1024; the first 200
-examples of ../shared/data/hellaswag_val.jsonl (--limit 0: all of them); fp32 (--bf16 for CUDA
+examples of HellaSwag's validation set as bench/data.py finds it (--limit 0: all of them); fp32 (--bf16 for CUDA
 autocast, where predictions may differ on near ties). On a shared machine the timings vary with
 the load: --repeat N runs both scorers N times, alternating, and keeps each one's best.
 
@@ -26,17 +26,15 @@ predictions identical in all (max |difference| of summed losses 9e-5 and 1.8e-4)
 """
 import argparse
 import contextlib
-import os
 
 import torch
 from torch.nn import functional as F
 
 import hellaswag
 from bench import timed
+from bench.data import data_file
 from train_gpt2 import GPT, GPTConfig, load_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "hellaswag_val.jsonl")  # ../shared beside it
 
 
 def rows(rendered: hellaswag.Rendered):
@@ -76,7 +74,7 @@ def main(argv=None):
     source.add_argument("-m", "--model", default=None, help="Hugging Face GPT-2 name or local directory")
     source.add_argument("--checkpoint", default=None, help="a train_gpt2.py checkpoint")
     source.add_argument("--full-124m", action="store_true", help="random weights with GPT-2 124M shapes")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="HellaSwag JSON-lines file")
+    parser.add_argument("--data", default=None, help="HellaSwag JSON-lines file (default: found by bench/data.py)")
     parser.add_argument("--limit", type=int, default=200, help="first N examples (0: all)")
     parser.add_argument("--every", type=int, default=1,
                         help="take every K-th example of the file (the val file's first 3,000 are ActivityNet, the "
@@ -101,6 +99,7 @@ def main(argv=None):
         model, name = GPT(config), "random GPT n_layer=4 n_head=4 n_embd=256"
     model = model.to(device).eval()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    args.data = args.data or data_file("hellaswag_val.jsonl")
     examples = hellaswag.load_examples(args.data)[:: args.every]
     examples = examples[: args.limit] if args.limit else examples
     n = len(examples)

@@ -5,22 +5,31 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 sys.path.insert(0, ROOT)
+
+from bench.data import DataError, data_file  # noqa: E402  (after ROOT is on the path)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(scope="session")
-def shared_data():
-    if not os.path.isdir(SHARED_DATA):
-        pytest.fail(f"{SHARED_DATA} not found: the tests need ../shared/data beside the repository")
-    return SHARED_DATA
+def pytest_configure(config):
+    """Find (or fetch, once) the data before collecting: without it, one line instead of a wall of
+    errors."""
+    try:
+        for name in ("tinyshakespeare.txt", "hellaswag_val.jsonl"):
+            data_file(name)
+    except DataError as e:
+        raise pytest.UsageError(f"the tests need their data: {e}") from None
 
 
 @pytest.fixture(scope="session")
-def shakespeare_text(shared_data):
-    with open(os.path.join(shared_data, "tinyshakespeare.txt"), encoding="utf-8") as f:
+def hellaswag_val():
+    return data_file("hellaswag_val.jsonl")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text():
+    with open(data_file("tinyshakespeare.txt"), encoding="utf-8") as f:
         return f.read()
 
 

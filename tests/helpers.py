@@ -4,7 +4,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare.txt")
+sys.path.insert(0, ROOT)
+from bench.data import data_file  # noqa: E402
+
+SHAKESPEARE = data_file("tinyshakespeare.txt")  # conftest has found (or fetched) it before collection
 
 # a tiny model on Tiny Shakespeare: each step takes a few milliseconds on one CPU thread. The preset is
 # named because --input alone would start from the shakespeare preset (dropout 0.1, another LR).

@@ -55,7 +55,7 @@ def test_the_124m_shapes_resolve_to_a_number():
 
 
 def test_bench_hellaswag_runs_with_its_default_data():
-    """python -m bench.hellaswag finds ../shared/data beside the repository by default (the README's GPU
+    """python -m bench.hellaswag finds its data through bench/data.py by default (the README's GPU
     command runs it), and its two scorers agree."""
     p = subprocess.run([sys.executable, "-m", "bench.hellaswag", "--limit", "6", "--batch-size", "4"], cwd=ROOT,
                        env=env1(), capture_output=True, text=True, timeout=300)

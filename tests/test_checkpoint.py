@@ -212,7 +212,7 @@ class RunsCode:
         return open, (self.path, "w")
 
 
-def test_checkpoint_that_would_run_code_is_refused_by_every_reader(tmp_path, shared_data):
+def test_checkpoint_that_would_run_code_is_refused_by_every_reader(tmp_path, hellaswag_val):
     crafted = tmp_path / "crafted.pt"
     created = tmp_path / "created-by-the-checkpoint"
     torch.save({"format": tg.CHECKPOINT_FORMAT, "version": tg.CHECKPOINT_VERSION, "step": 1,
@@ -222,7 +222,7 @@ def test_checkpoint_that_would_run_code_is_refused_by_every_reader(tmp_path, sha
         with pytest.raises(tg.CheckpointFormatError, match="refused"):
             load(str(crafted))
     hellaswag = [sys.executable, os.path.join(ROOT, "hellaswag.py"), "--checkpoint", str(crafted),
-                 "--data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--limit", "2"]
+                 "--data", hellaswag_val, "--limit", "2"]
     for cmd in (train_cmd(*ARGS, "--resume", str(crafted), "--log-dir", str(tmp_path / "a")),
                 train_cmd(*ARGS, "--eval-only", "--resume", str(crafted)), hellaswag):
         p = subprocess.run(cmd, cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=300)

@@ -89,9 +89,9 @@ def test_hellaswag_without_data_names_the_training_flag(tmp_path):
 
 # --- HellaSwag at any context length ---------------------------------------------------------------
 
-def test_hellaswag_in_training_crops_long_examples(tmp_path, shared_data):
+def test_hellaswag_in_training_crops_long_examples(tmp_path, hellaswag_val):
     p = run_train(*ARGS, "--max-steps", "2", "--hellaswag-every", "1", "--hellaswag-limit", "16",
-                  "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(tmp_path))
+                  "--hellaswag-data", hellaswag_val, "--log-dir", str(tmp_path))
     assert p.stdout.count("examples longer than block_size 32: contexts cropped from the left") == 3  # 0, 1, 2
     hella = read_log(tmp_path, "hella")
     assert sorted(hella) == [0, 1, 2] and all(0 <= v <= 1 for v in hella.values())
@@ -138,11 +138,11 @@ def trained(tmp_path_factory):
     return d
 
 
-def test_eval_only_validates_samples_and_writes_nothing(trained, shared_data):
+def test_eval_only_validates_samples_and_writes_nothing(trained, hellaswag_val):
     before = {n: os.path.getmtime(trained / n) for n in os.listdir(trained)}
     p = run_train("--eval-only", "--resume", "auto", "--log-dir", str(trained), "--device", "cpu", "--val-every", "1",
                   "--hellaswag-every", "1", "--hellaswag-limit", "8",
-                  "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"),
+                  "--hellaswag-data", hellaswag_val,
                   "--prompt", "ROMEO:", "--num-samples", "2", "--sample-tokens", "5")
     assert "loaded" in p.stdout and "step 6" in p.stdout
     assert "val loss" in p.stdout and "hellaswag val: n=8 acc=" in p.stdout

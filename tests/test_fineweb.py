@@ -1,6 +1,6 @@
 """fineweb.py: shards that decode back to the input, in order; resume; verify; sources; errors.
 
-Everything runs on CPU from local files made of ../shared/data, with tiny shards (a few thousand
+Everything runs on CPU from local files made of the test data (bench/data.py), with tiny shards (a few thousand
 tokens) so that documents are split across shards and there are many files to compare.
 """
 import hashlib
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fineweb
+from helpers import SHAKESPEARE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = fineweb.EOT
@@ -28,14 +29,14 @@ SHARD = 5000  # tokens per shard in these tests
 
 
 @pytest.fixture(scope="module")
-def documents(shared_data):
+def documents(hellaswag_val):
     """~400 real documents, plus the awkward ones: empty, one mentioning <|endoftext|> as text,
     non-ASCII, and one long enough (~10k tokens) to span three shards."""
-    with open(os.path.join(shared_data, "tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(SHAKESPEARE, encoding="utf-8") as f:
         shakespeare = f.read()
     paragraphs = [p for p in shakespeare.split("\n\n") if p.strip()][:150]
     hellaswag = []
-    with open(os.path.join(shared_data, "hellaswag_val.jsonl"), encoding="utf-8") as f:
+    with open(hellaswag_val, encoding="utf-8") as f:
         for line, _ in zip(f, range(60)):
             example = json.loads(line)
             hellaswag += [example["ctx"] + " " + ending for ending in example["endings"]]
@@ -371,13 +372,13 @@ def npy_bytes(tokens) -> bytes:
     return buffer.getvalue()
 
 
-def test_same_bytes_as_per_document_encoding(shared_data, tmp_path):
-    """Parquet, JSON lines and text files made from ../shared/data, one by one and as one folder: the
+def test_same_bytes_as_per_document_encoding(hellaswag_val, tmp_path):
+    """Parquet, JSON lines and text files made from the test data, one by one and as one folder: the
     shards are, byte for byte, tiktoken's encoding of each document with 50256 in front, concatenated
     and cut every SHARD tokens, saved as .npy."""
-    with open(os.path.join(shared_data, "tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(SHAKESPEARE, encoding="utf-8") as f:
         play = f.read()[:50000]
-    with open(os.path.join(shared_data, "hellaswag_val.jsonl"), encoding="utf-8") as f:
+    with open(hellaswag_val, encoding="utf-8") as f:
         contexts = [json.loads(line)["ctx"] for line, _ in zip(f, range(300))]
     paragraphs = [p.strip("\n") for p in play.split("\n\n") if p.strip()]
     folder = tmp_path / "corpus"
@@ -420,8 +421,8 @@ def test_paragraph_and_line_documents_at_blank_lines(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["paragraph", "line"])
-def test_txt_paragraph_and_line_documents(shared_data, tmp_path, mode):
-    with open(os.path.join(shared_data, "tinyshakespeare.txt"), encoding="utf-8") as f:
+def test_txt_paragraph_and_line_documents(hellaswag_val, tmp_path, mode):
+    with open(SHAKESPEARE, encoding="utf-8") as f:
         text = f.read()[:60000]
     (tmp_path / "play.txt").write_text(text, encoding="utf-8")
     if mode == "paragraph":

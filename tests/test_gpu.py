@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
+from bench.data import data_file
 from helpers import ROOT, SHAKESPEARE, env1, read_log, run_train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -29,7 +30,7 @@ GPU = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-h
 
 
 def hellaswag_data():
-    return os.path.join(ROOT, "..", "shared", "data", "hellaswag_val.jsonl")
+    return data_file("hellaswag_val.jsonl")
 
 
 @cuda

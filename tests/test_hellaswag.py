@@ -17,10 +17,6 @@ N_EXAMPLES = 240  # scored in-process against Hugging Face
 N_CLI = 60  # scored again through the CLI (model, checkpoint, two ranks)
 
 
-def val_path(shared_data):
-    return os.path.join(shared_data, "hellaswag_val.jsonl")
-
-
 def run_cli(*args, env=None, torchrun=False):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -64,8 +60,8 @@ def hf_losses(hf_path, examples):
 
 
 @pytest.fixture(scope="module")
-def reference(shared_data, hf_dir_512):
-    examples = hellaswag.load_examples(val_path(shared_data), limit=N_EXAMPLES)
+def reference(hellaswag_val, hf_dir_512):
+    examples = hellaswag.load_examples(hellaswag_val, limit=N_EXAMPLES)
     sums, means = hf_losses(hf_dir_512, examples)
     return examples, sums, means
 
@@ -98,13 +94,13 @@ def test_evaluate_equals_hf_per_example(reference, hf_dir_512, batch_size):
     print(f"random model, {len(examples)} examples: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}")
 
 
-def test_rows_longer_than_block_size_are_split(shared_data, tiny_hf_dir):
+def test_rows_longer_than_block_size_are_split(hellaswag_val, tiny_hf_dir):
     """With 128 positions most examples' four endings do not fit in one row with the context: they
     continue on further rows (the context repeated); the numbers stay those of one-by-one scoring."""
     from train_gpt2 import GPT
 
     enc = gpt2_tokenizer()
-    examples = hellaswag.load_examples(val_path(shared_data), limit=80)
+    examples = hellaswag.load_examples(hellaswag_val, limit=80)
     fits = lambda ex: len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"]) <= 128
     examples = [ex for ex in examples if fits(ex)]
     model = GPT.from_pretrained(tiny_hf_dir).eval()
@@ -137,7 +133,7 @@ def hf_cropped_losses(hf_path, examples, block_size):
     return sums, means
 
 
-def test_examples_longer_than_block_size_are_cropped_from_the_left(shared_data, tmp_path):
+def test_examples_longer_than_block_size_are_cropped_from_the_left(hellaswag_val, tmp_path):
     """A 32-position model: most examples are longer (some endings too), a few fit. Scores equal an
     independent one-ending-at-a-time computation with lm-evaluation-harness's cropping."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -148,7 +144,7 @@ def test_examples_longer_than_block_size_are_cropped_from_the_left(shared_data, 
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
-    examples = hellaswag.load_examples(val_path(shared_data), limit=40)
+    examples = hellaswag.load_examples(hellaswag_val, limit=40)
     enc = gpt2_tokenizer()
     length = lambda ex: len(enc.encode(ex["ctx"])) + max(len(enc.encode(" " + e)) for e in ex["endings"])
     too_long = [length(ex) > 33 for ex in examples]
@@ -213,10 +209,10 @@ def cli_predictions(tmp_path, name, *args, torchrun=False):
     return record, proc
 
 
-def test_cli_model_dir_and_checkpoint(reference, hf_dir_512, checkpoint, shared_data, tmp_path):
+def test_cli_model_dir_and_checkpoint(reference, hf_dir_512, checkpoint, hellaswag_val, tmp_path):
     examples, sums, means = reference
     want_pred, want_norm = sums[:N_CLI].argmin(1).tolist(), means[:N_CLI].argmin(1).tolist()
-    data = ["--data", val_path(shared_data), "--limit", str(N_CLI)]
+    data = ["--data", hellaswag_val, "--limit", str(N_CLI)]
     for name, source in (("hf", ["-m", hf_dir_512]), ("ckpt", ["--checkpoint", checkpoint])):
         record, proc = cli_predictions(tmp_path, name, *source, *data)
         assert record["n"] == N_CLI
@@ -227,8 +223,8 @@ def test_cli_model_dir_and_checkpoint(reference, hf_dir_512, checkpoint, shared_
         assert summary == f"hellaswag val: n={N_CLI} acc={record['acc']:.4f} acc_norm={record['acc_norm']:.4f}"
 
 
-def test_two_ranks_equal_one_process(checkpoint, shared_data, tmp_path):
-    data = ["--checkpoint", checkpoint, "--data", val_path(shared_data), "--limit", str(N_CLI)]
+def test_two_ranks_equal_one_process(checkpoint, hellaswag_val, tmp_path):
+    data = ["--checkpoint", checkpoint, "--data", hellaswag_val, "--limit", str(N_CLI)]
     one, _ = cli_predictions(tmp_path, "one", *data)
     two, proc = cli_predictions(tmp_path, "two", *data, torchrun=True)
     for key in ("n", "correct", "correct_norm", "acc", "acc_norm", "predictions"):
@@ -240,10 +236,10 @@ def test_two_ranks_equal_one_process(checkpoint, shared_data, tmp_path):
 # Data: download, bad files, errors
 
 
-def test_download_to_cache_and_offline_error(shared_data, tmp_path, monkeypatch):
+def test_download_to_cache_and_offline_error(hellaswag_val, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("HELLASWAG_CACHE", str(cache))
-    monkeypatch.setattr(hellaswag, "HELLASWAG_URL", "file://" + os.path.join(shared_data, "hellaswag_{split}.jsonl"))
+    monkeypatch.setattr(hellaswag, "HELLASWAG_URL", "file://" + os.path.join(os.path.dirname(hellaswag_val), "hellaswag_{split}.jsonl"))
     examples = hellaswag.load_examples(None, split="val", limit=5)
     assert len(examples) == 5 and examples[0]["ind"] == 0
     assert sorted(os.listdir(cache)) == ["hellaswag_val.jsonl"]  # renamed into place, no temporary left
@@ -274,19 +270,19 @@ def test_bad_line_names_file_and_line(tmp_path, bad_line, message):
     assert len(hellaswag.load_examples(str(path), limit=2)) == 2  # the lines before it are fine
 
 
-def test_cli_errors_are_one_line(tmp_path, hf_dir_512, shared_data):
+def test_cli_errors_are_one_line(tmp_path, hf_dir_512, hellaswag_val):
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text(json.dumps({**GOOD, "label": 7}) + "\n")
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint at all")
-    data = ["--data", val_path(shared_data), "--limit", "2"]
+    data = ["--data", hellaswag_val, "--limit", "2"]
     cases = [
         (["-m", hf_dir_512, "--data", str(bad_data)], f"{bad_data}:1: 'label' must be an integer 0..3, got 7"),
         (["-m", hf_dir_512, "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
         (["--checkpoint", str(bad_ckpt), *data], "not a readable checkpoint"),
         (["--checkpoint", str(tmp_path / "missing.pt"), *data], "no such checkpoint file"),
         (["-m", "not-a-gpt2-model", *data], "cannot load model 'not-a-gpt2-model'"),
-        (["-m", hf_dir_512, "--data", val_path(shared_data), "--limit", "-1"],
+        (["-m", hf_dir_512, "--data", hellaswag_val, "--limit", "-1"],
          "argument --limit: must be an integer of at least 0, got -1"),
         (["-m", hf_dir_512, *data, "--batch-size", "0"], "argument --batch-size: must be an integer of at least 1, got 0"),
         (["-m", hf_dir_512, *data, "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),

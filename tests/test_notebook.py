@@ -25,13 +25,13 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory, shared_data):
+def executed(tmp_path_factory, hellaswag_val):
     """A 20-step run with validation, HellaSwag, two checkpoints and one skipped update, then the
     notebook run on it (in memory: play.ipynb itself is never written)."""
     log_dir = tmp_path_factory.mktemp("run") / "log"
     run_train(*TINY, "--batch-size", "8", "--max-steps", "20", "--val-every", "5", "--checkpoint-every", "10",
               "--hellaswag-every", "10", "--hellaswag-limit", "8", "--block-size", "256",
-              "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"), "--log-dir", str(log_dir),
+              "--hellaswag-data", hellaswag_val, "--log-dir", str(log_dir),
               nan_steps=7)
     nb = read_notebook()
     with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from helpers import ROOT, TINY, read_log, run_train
+from helpers import ROOT, SHAKESPEARE, TINY, read_log, run_train
 
 
 # --- learning-rate schedule --------------------------------------------------------------------
@@ -239,10 +239,10 @@ def test_ddp_and_micro_batches_give_the_same_losses(tmp_path):
             assert abs(a - b) < 2e-5, (other, s, k, a, b)
 
 
-def test_compiled_run_with_validation_hellaswag_and_sampling(tmp_path, shared_data):
+def test_compiled_run_with_validation_hellaswag_and_sampling(tmp_path, hellaswag_val):
     p = run_train(*TINY, "--compile", "--max-steps", "4", "--batch-size", "8", "--val-every", "2",
                   "--hellaswag-every", "2", "--hellaswag-limit", "8", "--sample-every", "2",
-                  "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"),
+                  "--hellaswag-data", hellaswag_val,
                   "--block-size", "256", "--log-dir", str(tmp_path / "c"))
     records = read_log(tmp_path / "c")
     kinds = [k for _, k, _ in records]
@@ -254,7 +254,7 @@ def test_compiled_run_with_validation_hellaswag_and_sampling(tmp_path, shared_da
 def test_shakespeare_preset_learns(tmp_path):
     # the real preset, shortened (and its warmup with it): validation loss must fall well below its
     # start at ln(50257)
-    run_train("--preset", "shakespeare", "--input", os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"),
+    run_train("--preset", "shakespeare", "--input", SHAKESPEARE,
               "--max-steps", "30", "--warmup-steps", "10", "--val-every", "29", "--val-tokens", "4096",
               "--sample-every", "0",
               "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
@@ -262,14 +262,14 @@ def test_shakespeare_preset_learns(tmp_path):
     assert val[0] > 10.5 and val[30] < val[0] - 2.0, val
 
 
-def test_fineweb_shards_train_end_to_end(tmp_path, shared_data):
+def test_fineweb_shards_train_end_to_end(tmp_path, hellaswag_val):
     # fineweb.py turns real text into shards; train_gpt2.py's loader reads them and trains
     import subprocess
     import sys
 
     out = tmp_path / "shards"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--dataset",
-                        os.path.join(shared_data, "tinyshakespeare.txt"),
+                        SHAKESPEARE,
                         "--txt-docs", "paragraph", "--out-dir", str(out), "--shard-size", "40000", "--workers", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -467,13 +467,13 @@ def test_the_last_evaluation_scores_the_saved_weights(tmp_path):
     ("gpt2-124m", (12, 12, 768)), ("gpt2-350m", (24, 16, 1024)), ("gpt2-774m", (36, 20, 1280)),
     ("gpt2-1558m", (48, 25, 1600)),
 ])
-def test_miniseries_presets_have_gpt2s_shapes_and_pass_preflight(preset, hf_shape, tmp_path, shared_data):
+def test_miniseries_presets_have_gpt2s_shapes_and_pass_preflight(preset, hf_shape, tmp_path, hellaswag_val):
     """Each preset's model has the parameters of Hugging Face's GPT-2 of that size (both built on the
     meta device: no memory, no download), and its command line passes every start-up check."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = tg.parse_args(["--preset", preset, "--data-dir", str(tmp_path / "shards"), "--log-dir",
-                         str(tmp_path / "log"), "--hellaswag-data", os.path.join(shared_data, "hellaswag_val.jsonl"),
+                         str(tmp_path / "log"), "--hellaswag-data", hellaswag_val,
                          "--device", "cpu"])
     n_layer, n_head, n_embd = hf_shape
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == hf_shape
