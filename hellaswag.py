@@ -359,8 +359,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto",
                         help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="autocast precision (auto: bf16 on GPUs with bf16 hardware, fp16 on "
-                        "older GPUs, fp32 on CPU and MPS)")
+                        help="autocast precision (auto: as train_gpt2.py, bf16 on GPUs and CPUs "
+                        "with bf16 hardware, fp16 on older GPUs, fp32 on other CPUs and MPS)")
     parser.add_argument("--batch-size", type=number(int, 1), default=16,
                         help="examples per forward pass")
     parser.add_argument("--limit", type=number(int, 0), default=None,
@@ -390,7 +390,8 @@ def main(argv=None):
         source = args.checkpoint or args.model
         model = tg.load_model(source, d.device)
         tg.print0(f"{source}: {model.num_params() / 1e6:.1f}M parameters, {len(examples)} examples, "
-                  f"device {d.device} ({tg.dtype_name(dtype)}), {d.world_size} process(es)")
+                  f"device {d.device} ({tg.dtype_name(dtype)}{tg.dtype_reason(d.device, args.dtype)}), "
+                  f"{d.world_size} process(es)")
         t0 = time.time()
         result = evaluate(model, examples, device=d.device, batch_size=args.batch_size, rank=d.rank,
                           world_size=d.world_size, autocast=tg.autocast_context(d.device_type, dtype),

@@ -118,7 +118,7 @@ def build_peer(args, device) -> HFPeer:
 class Contender:
     """A model with its optimizer, compiled or not, and the measurements of its steps."""
 
-    def __init__(self, name, raw_model, args, d: Dist, autocast, scaler):
+    def __init__(self, name, raw_model, args, d: Dist, autocast, scaler, compile=None):
         self.name, self.raw_model, self.args, self.d = name, raw_model, args, d
         self.autocast, self.scaler = autocast, scaler
         raw_model.train()
@@ -127,7 +127,8 @@ class Contender:
         self.optimizer = GPT.configure_optimizer(raw_model, weight_decay=0.1, learning_rate=6e-4,
                                                  device_type=d.device_type)
         self.params = [p for p in raw_model.parameters() if p.requires_grad]
-        self.model = torch.compile(raw_model) if args.compile else raw_model
+        self.compiled = args.compile if compile is None else compile
+        self.model = torch.compile(raw_model) if self.compiled else raw_model
         self.loader = random_loader(args.batch_size, args.seq_len, args.grad_accum, seed=args.seed)
         self.step_times, self.round_times = [], []
         self.first_step_s, self.peak_bytes, self.error = None, 0, None
@@ -308,6 +309,9 @@ def parse_args(argv=None):
                    help="rounds the timed steps are split into, alternating the models (default 5)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also time GPT2LMHeadModel (default on)")
+    p.add_argument("--precisions", action=argparse.BooleanOptionalAction, default=None,
+                   help="instead of the peer, time our model in bf16 autocast, in fp32 and in bf16 compiled "
+                   "(default: on for a CPU with bf16 instructions, train_gpt2.cpu_bf16)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: train_gpt2.keep_freed_memory() for both models, as training does (default on for "
                    "CPU; then no peak memory is shown: use --no-keep-freed-memory for it)")
@@ -339,6 +343,8 @@ def resolve(args) -> Dist:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.compile = on_cuda if args.compile is None else args.compile
+    if args.precisions is None:
+        args.precisions = d.device_type == "cpu" and train_gpt2.cpu_bf16() is not None
     args.keep_freed_memory = d.device_type == "cpu" and args.keep_freed_memory is not False
     args.steps = args.steps or (50 if on_cuda else 10)
     args.warmup = (5 if on_cuda else 2) if args.warmup is None else args.warmup
@@ -425,9 +431,22 @@ def main(argv=None):
     if args.keep_freed_memory:  # as in training; a process setting, it serves both models alike
         train_gpt2.keep_freed_memory()
 
-    torch.manual_seed(args.seed)
-    contenders = [Contender("ours (train_gpt2.GPT)", build_ours(args, d.device), args, d, autocast, scaler)]
-    if args.peer:
+    if d.device_type == "cpu" and not train_gpt2.cpu_bf16():
+        print("note: this CPU has no bf16 instructions (no AMX, no AVX512-BF16): --dtype auto is fp32 here, and "
+              "bf16 would be emulated (--precisions times it)")
+    if args.precisions:  # the same weights and tokens in each precision
+        contenders = []
+        for name, dtype, compiled in (("bf16 (eager)", torch.bfloat16, False), ("fp32 (eager)", torch.float32, False),
+                                      ("bf16+compile", torch.bfloat16, True)):
+            torch.manual_seed(args.seed)
+            contenders.append(Contender(name, build_ours(args, d.device), args, d,
+                                        train_gpt2.autocast_context(d.device_type, dtype),
+                                        train_gpt2.grad_scaler(d.device_type, dtype), compile=compiled))
+        dtype_name = "bf16 vs fp32 vs bf16 compiled"
+    else:
+        torch.manual_seed(args.seed)
+        contenders = [Contender("ours (train_gpt2.GPT)", build_ours(args, d.device), args, d, autocast, scaler)]
+    if args.peer and not args.precisions:
         contenders.append(Contender("peer (GPT2LMHeadModel)", build_peer(args, d.device), args, d, autocast, scaler))
     flops_per_token = contenders[0].raw_model.flops_per_token(args.seq_len)
     name = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else ""
@@ -437,10 +456,14 @@ def main(argv=None):
         peak_flops = train_gpt2.peak_flops(name)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
-    where = name or f"{d.device_type}, {torch.get_num_threads()} threads" + (
-        ", freed memory kept" if args.keep_freed_memory else "")
-    print(f"device: {where} | torch {torch.__version__} | {dtype_name} | {'compiled' if args.compile else 'eager'} | "
-          f"attention: {args.attn}")
+    if d.device_type == "cpu":  # the processor, and its bf16 instructions
+        cpu = torch.cpu.get_capabilities().get("cpu_name") or "?"
+        name = f"cpu ({cpu}, bf16 instructions: {train_gpt2.cpu_bf16() or 'none'})"
+    where = name or d.device_type
+    where += f", {torch.get_num_threads()} threads" if d.device_type == "cpu" else ""
+    where += ", freed memory kept" if args.keep_freed_memory else ""
+    compiled = "" if args.precisions else f" | {'compiled' if args.compile else 'eager'}"
+    print(f"device: {where} | torch {torch.__version__} | {dtype_name}{compiled} | attention: {args.attn}")
     print(f"model: {args.model}, {args.n_layer} layers x {args.n_head} heads x {args.n_embd} wide | "
           f"B={args.batch_size} T={args.seq_len} grad-accum={args.grad_accum}: {tokens_per_step:,} tokens/step")
     print(f"timing: {args.warmup} warm-up steps, then {args.steps} timed steps per model in {args.rounds} alternating "

@@ -14,7 +14,8 @@ SHAKESPEARE = data_file("tinyshakespeare.txt")  # conftest has found (or fetched
 TINY = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
         "--seq-len", "32",
         "--total-batch-size", "256", "--warmup-steps", "2", "--val-tokens", "1024", "--hellaswag-every", "0",
-        "--sample-every", "0", "--checkpoint-every", "0", "--val-every", "0", "--no-compile", "--device", "cpu"]
+        "--sample-every", "0", "--checkpoint-every", "0", "--val-every", "0", "--no-compile", "--device", "cpu",
+        "--dtype", "fp32"]  # the reference precision: auto picks bf16 on a CPU with bf16 instructions
 
 
 def env1():

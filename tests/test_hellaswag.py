@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hellaswag
+import train_gpt2 as tg
 from fineweb import gpt2_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,14 +196,17 @@ def checkpoint(tmp_path_factory, hf_dir_512):
 
     model = GPT.from_pretrained(hf_dir_512)
     path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
-    torch.save({"format": "build-gpt2-checkpoint", "version": 1, "model": model.state_dict(),
-                "model_config": dataclasses.asdict(model.config)}, path)
+    # a checkpoint of train_gpt2.py's format around this model, at step 0 (nothing to resume)
+    torch.save({"format": tg.CHECKPOINT_FORMAT, "version": tg.CHECKPOINT_VERSION, "step": 0,
+                "model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                "optimizer": {"state": {}, "param_groups": []}, "train_loader": {"position": 0},
+                "rng": [tg.rng_state("cpu")], "world_size": 1, "run_config": {}}, path)
     return path
 
 
 def cli_predictions(tmp_path, name, *args, torchrun=False):
     out = str(tmp_path / f"{name}.json")
-    proc = run_cli(*args, "--out", out, "--device", "cpu", "--batch-size", "8", torchrun=torchrun)
+    proc = run_cli(*args, "--out", out, "--device", "cpu", "--dtype", "fp32", "--batch-size", "8", torchrun=torchrun)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         record = json.load(f)

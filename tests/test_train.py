@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import hellaswag
 import train_gpt2 as tg
 from helpers import ROOT, SHAKESPEARE, TINY, read_log, run_train
 
@@ -275,7 +276,7 @@ def test_fineweb_shards_train_end_to_end(tmp_path, hellaswag_val):
     assert p.returncode == 0, p.stderr
     arrays, paths = tg.load_shards(str(out), "train")
     assert len(paths) >= 5 and all(a.dtype == np.uint16 for a in arrays)
-    run_train(*[a for a in TINY if a not in ("--input",) and not a.endswith("tinyshakespeare.txt")],
+    run_train(*[a for a in TINY if a not in ("--input", SHAKESPEARE)],
               "--data-dir", str(out), "--max-steps", "3", "--val-every", "2", "--batch-size", "8",
               "--log-dir", str(tmp_path / "l"))
     assert sorted(read_log(tmp_path / "l", "val")) == [0, 2, 3]
@@ -299,9 +300,20 @@ def test_peak_flops_matches_exact_model_names():
         assert tg.peak_flops(unknown) is None, unknown
 
 
-def test_one_dtype_decision_on_cpu():
+@pytest.mark.parametrize("capabilities, want, reason", [
+    ({"architecture": "x86_64", "avx2": True, "avx512_bf16": True, "amx_bf16": True, "amx_tile": True},
+     torch.bfloat16, " (CPU with AMX)"),  # Intel Xeon, Sapphire Rapids and later
+    ({"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": False},
+     torch.bfloat16, " (CPU with AVX512-BF16)"),  # AMD Zen 4 and 5
+    ({"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False},
+     torch.float32, " (CPU without bf16 instructions)"),  # the AVX2-only EPYC: bf16 is emulated there
+    ({"architecture": "aarch64", "neon": True, "bf16": True}, torch.float32, " (CPU without bf16 instructions)"),
+])
+def test_one_dtype_decision_on_cpu(monkeypatch, capabilities, want, reason):
     cpu = torch.device("cpu")
-    assert tg.autocast_dtype(cpu) == torch.float32  # no bf16 hardware on these CPUs: fp32
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)  # what torch detects
+    assert tg.autocast_dtype(cpu) == want and tg.dtype_reason(cpu, "auto") == reason
+    assert tg.autocast_dtype(cpu, "fp32") == torch.float32 and tg.dtype_reason(cpu, "fp32") == ""  # asked for
     assert tg.autocast_dtype(cpu, "fp16") == torch.float16 and tg.autocast_dtype(cpu, "bf16") == torch.bfloat16
     assert isinstance(tg.grad_scaler("cpu", torch.float16), torch.amp.GradScaler)  # fp16 needs loss scaling
     assert tg.grad_scaler("cpu", torch.bfloat16) is None and tg.grad_scaler("cpu", torch.float32) is None
@@ -459,7 +471,7 @@ def test_the_last_evaluation_scores_the_saved_weights(tmp_path):
     ckpt = tg.read_checkpoint(tg.latest_checkpoint(str(d)))
     assert ckpt["step"] == 6 and ckpt["val_loss"] == val[6]
     p = run_train("--eval-only", "--resume", "auto", "--log-dir", str(d), "--device", "cpu", "--val-every", "1",
-                  "--hellaswag-every", "0", "--num-samples", "1", "--sample-tokens", "2")
+                  "--hellaswag-every", "0", "--num-samples", "1", "--sample-tokens", "2", "--dtype", "fp32")
     assert f"step     6 | val loss {val[6]:.4f}" in p.stdout
 
 
@@ -500,3 +512,30 @@ def test_readme_names_where_the_two_parts_of_train_gpt2_begin():
     assert loop < part2 - 3  # the training loop is in Part 1
     m = re.search(r"\(lines\s+1-(\d+)\).*?\(from line (\d+)\)", readme, re.S)
     assert m and (int(m[1]), int(m[2])) == (part2 - 2, part2), (m and m.groups(), part2)
+
+
+def test_bf16_on_the_cpu_trains_like_fp32_and_scores_hellaswag_alike(tmp_path, hellaswag_val):
+    """bf16 autocast on the CPU (the default where the CPU has bf16 instructions; emulated, and slow,
+    elsewhere): the same run in fp32 and bf16 ends at nearly the same validation loss, and HellaSwag
+    in bf16 predicts what fp32 predicts on the trained model."""
+    args = [*TINY, "--batch-size", "8", "--max-steps", "16", "--val-every", "8", "--max-lr", "3e-3",
+            "--checkpoint-every", "16"]
+    run_train(*args, "--dtype", "fp32", "--log-dir", str(tmp_path / "fp32"))
+    p = run_train(*args, "--dtype", "bf16", "--log-dir", str(tmp_path / "bf16"))
+    assert "autocast: bf16, compile: False" in p.stdout  # asked for: no reason given
+    fp32, bf16 = read_log(tmp_path / "fp32", "val"), read_log(tmp_path / "bf16", "val")
+    assert all(math.isfinite(v) for v in read_log(tmp_path / "bf16", "train").values())
+    assert bf16[16] < bf16[0] - 0.8, bf16  # it learns (10.81 -> 9.79)
+    print(f"validation loss after 16 steps: fp32 {fp32[16]:.5f}, bf16 {bf16[16]:.5f}")
+    assert abs(bf16[16] - fp32[16]) < 0.02, (fp32, bf16)  # measured: 9.79217 and 9.79192
+
+    model = tg.load_model(tg.latest_checkpoint(str(tmp_path / "bf16")))
+    examples = hellaswag.load_examples(hellaswag_val, limit=60)
+    preds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        result = hellaswag.evaluate(model, examples, device=torch.device("cpu"), batch_size=16,
+                                    autocast=tg.autocast_context("cpu", dtype))
+        preds[dtype] = [(p["pred"], p["pred_norm"]) for p in result["predictions"]]
+    same = sum(a == b for a, b in zip(preds[torch.float32], preds[torch.bfloat16]))
+    print(f"HellaSwag predictions the same in bf16 as in fp32: {same}/60")
+    assert same >= 57  # measured: 60/60; bf16 may flip a near tie
