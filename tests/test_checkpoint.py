@@ -198,8 +198,9 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
             tg.read_checkpoint(str(damaged))
         assert str(damaged) in str(e.value) and message in str(e.value) and "\n" not in str(e.value), (message, e.value)
     p = run_train(*ARGS, "--eval-only", "--resume", str(damaged), check=False)  # the last case, on the command line
-    assert p.returncode == 1 and p.stderr.strip() == f"train_gpt2.py: error: {damaged}: a damaged checkpoint: missing " \
-        f"or wrong: rng (one dict of numpy, python, torch per process)", p.stderr
+    want = f"train_gpt2.py: error: {damaged}: a damaged checkpoint: missing or wrong: rng (one dict of numpy, " \
+        f"python, torch per process)"
+    assert p.returncode == 1 and p.stderr.strip() == want, p.stderr
 
 
 class RunsCode:

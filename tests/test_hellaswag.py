@@ -243,7 +243,8 @@ def test_two_ranks_equal_one_process(checkpoint, hellaswag_val, tmp_path):
 def test_download_to_cache_and_offline_error(hellaswag_val, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("HELLASWAG_CACHE", str(cache))
-    monkeypatch.setattr(hellaswag, "HELLASWAG_URL", "file://" + os.path.join(os.path.dirname(hellaswag_val), "hellaswag_{split}.jsonl"))
+    url = "file://" + os.path.join(os.path.dirname(hellaswag_val), "hellaswag_{split}.jsonl")
+    monkeypatch.setattr(hellaswag, "HELLASWAG_URL", url)
     examples = hellaswag.load_examples(None, split="val", limit=5)
     assert len(examples) == 5 and examples[0]["ind"] == 0
     assert sorted(os.listdir(cache)) == ["hellaswag_val.jsonl"]  # renamed into place, no temporary left
@@ -288,7 +289,8 @@ def test_cli_errors_are_one_line(tmp_path, hf_dir_512, hellaswag_val):
         (["-m", "not-a-gpt2-model", *data], "cannot load model 'not-a-gpt2-model'"),
         (["-m", hf_dir_512, "--data", hellaswag_val, "--limit", "-1"],
          "argument --limit: must be an integer of at least 0, got -1"),
-        (["-m", hf_dir_512, *data, "--batch-size", "0"], "argument --batch-size: must be an integer of at least 1, got 0"),
+        (["-m", hf_dir_512, *data, "--batch-size", "0"],
+         "argument --batch-size: must be an integer of at least 1, got 0"),
         (["-m", hf_dir_512, *data, "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (["-m", hf_dir_512, *data, "--device", "tpu"], "--device tpu: use auto, cpu, cuda, cuda:N or mps"),
     ]
