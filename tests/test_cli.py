@@ -40,7 +40,7 @@ def test_own_text_with_only_model_size_flags_trains_and_validates(small_text, tm
     # --input alone starts from the shakespeare preset; validation takes the whole (small) val split.
     # (--max-steps only shortens the preset's 1,200 steps for the test.)
     p = run_train("--input", small_text, "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-steps", "60",
-                  "--log-dir", str(tmp_path / "run"))
+                  "--log-dir", str(tmp_path / "run"), extra_env={"OMP_NUM_THREADS": "2"})  # one process: both cores
     assert "(the whole val split)" in p.stdout and "batch: 1,024 tokens per step = 8 x 128" in p.stdout
     val = read_log(tmp_path / "run", "val")
     assert sorted(val) == [0, 60]  # before the first update, and after the last

@@ -258,7 +258,8 @@ def test_shakespeare_preset_learns(tmp_path):
     run_train("--preset", "shakespeare", "--input", SHAKESPEARE,
               "--max-steps", "30", "--warmup-steps", "10", "--val-every", "29", "--val-tokens", "4096",
               "--sample-every", "0",
-              "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
+              "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"),
+              extra_env={"OMP_NUM_THREADS": "2"})  # one process: both cores
     val = read_log(tmp_path / "s", "val")
     assert val[0] > 10.5 and val[30] < val[0] - 2.0, val
 
@@ -392,8 +393,9 @@ def test_fp16_trains_on_cpu_through_overflows(tmp_path):
     """--dtype fp16 with a GradScaler, on a CPU. A first loss scale of 2**23 makes the fp16 gradients
     overflow: the scaler skips those updates (the validation loss does not move) and halves the
     scale, which is logged; none of this counts as a bad step, and training then goes on."""
-    p = run_train(*TINY, "--dtype", "fp16", "--max-steps", "12", "--val-every", "1", "--max-lr", "3e-3",
-                  "--log-dir", str(tmp_path), init_scale=2.0**23)
+    p = run_train(*TINY, "--dtype", "fp16", "--max-steps", "12", "--val-every", "1", "--val-tokens", "256",
+                  "--max-lr", "3e-3", "--log-dir", str(tmp_path), init_scale=2.0**23,
+                  extra_env={"OMP_NUM_THREADS": "2"})  # one process: both cores
     assert "autocast: fp16 with loss scaling" in p.stdout
     scales = read_log(tmp_path, "scale")
     assert len(scales) >= 2 and all(b == a / 2 for a, b in zip(list(scales.values()), list(scales.values())[1:]))
@@ -518,24 +520,25 @@ def test_bf16_on_the_cpu_trains_like_fp32_and_scores_hellaswag_alike(tmp_path, h
     """bf16 autocast on the CPU (the default where the CPU has bf16 instructions; emulated, and slow,
     elsewhere): the same run in fp32 and bf16 ends at nearly the same validation loss, and HellaSwag
     in bf16 predicts what fp32 predicts on the trained model."""
-    args = [*TINY, "--batch-size", "8", "--max-steps", "16", "--val-every", "8", "--max-lr", "3e-3",
-            "--checkpoint-every", "16"]
+    args = [*TINY, "--batch-size", "8", "--max-steps", "10", "--val-every", "10", "--max-lr", "3e-3",
+            "--checkpoint-every", "10"]
     run_train(*args, "--dtype", "fp32", "--log-dir", str(tmp_path / "fp32"))
-    p = run_train(*args, "--dtype", "bf16", "--log-dir", str(tmp_path / "bf16"))
+    # two threads: emulated bf16 (on CPUs without bf16 instructions) takes 0.8 s a step even so
+    p = run_train(*args, "--dtype", "bf16", "--log-dir", str(tmp_path / "bf16"), extra_env={"OMP_NUM_THREADS": "2"})
     assert "autocast: bf16, compile: False" in p.stdout  # asked for: no reason given
     fp32, bf16 = read_log(tmp_path / "fp32", "val"), read_log(tmp_path / "bf16", "val")
     assert all(math.isfinite(v) for v in read_log(tmp_path / "bf16", "train").values())
-    assert bf16[16] < bf16[0] - 0.8, bf16  # it learns (10.81 -> 9.79)
-    print(f"validation loss after 16 steps: fp32 {fp32[16]:.5f}, bf16 {bf16[16]:.5f}")
-    assert abs(bf16[16] - fp32[16]) < 0.02, (fp32, bf16)  # measured: 9.79217 and 9.79192
+    assert bf16[10] < bf16[0] - 0.5, bf16  # it learns (10.81 -> 10.18)
+    print(f"validation loss after 10 steps: fp32 {fp32[10]:.5f}, bf16 {bf16[10]:.5f}")
+    assert abs(bf16[10] - fp32[10]) < 0.02, (fp32, bf16)  # measured: 10.18470 and 10.18466
 
     model = tg.load_model(tg.latest_checkpoint(str(tmp_path / "bf16")))
-    examples = hellaswag.load_examples(hellaswag_val, limit=60)
+    examples = hellaswag.load_examples(hellaswag_val, limit=40)
     preds = {}
     for dtype in (torch.float32, torch.bfloat16):
         result = hellaswag.evaluate(model, examples, device=torch.device("cpu"), batch_size=16,
                                     autocast=tg.autocast_context("cpu", dtype))
         preds[dtype] = [(p["pred"], p["pred_norm"]) for p in result["predictions"]]
     same = sum(a == b for a, b in zip(preds[torch.float32], preds[torch.bfloat16]))
-    print(f"HellaSwag predictions the same in bf16 as in fp32: {same}/60")
-    assert same >= 57  # measured: 60/60; bf16 may flip a near tie
+    print(f"HellaSwag predictions the same in bf16 as in fp32: {same}/40")
+    assert same >= 38  # measured: 40/40; bf16 may flip a near tie
