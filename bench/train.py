@@ -13,6 +13,7 @@ Commands
     python -m bench.train                            # CPU: the shakespeare preset's model (4x4x128), B=8, T=128
     python -m bench.train --compile                  # the same, both models torch.compiled
     python -m bench.train --no-peer --steps 30       # ours only
+    python -m bench.train --precisions               # ours in bf16, fp32, bf16 compiled (default on a bf16 CPU)
     python -m bench.train --model 124m -B 4 -T 256   # GPT-2 124M shapes (slow on a CPU)
     python -m bench.train --device cuda              # a GPU: 124M, B=64, T=1024, bf16 autocast, compiled, TF32
     python -m bench.train --device cuda --attn flash --profile prof   # force an SDPA kernel; write profiles to prof/
