@@ -1,10 +1,9 @@
 """
 train_gpt2.py: GPT-2 (124M) from scratch, in one file you can read top to bottom.
 
-Part 1 is the lecture, in its order: the model (and OpenAI's weights), the data loader, the
-learning-rate schedule, evaluation, processes and precision, then train(): gradient accumulation,
-DDP and the loop. Part 2 is what running it for real takes: the command line and the presets,
-pre-flight checks, the run folder and checkpoints, the log, signals, numerics and speed, main().
+Part 1 is the lecture: the model, the data loader, the learning-rate schedule, evaluation,
+processes and precision, then train() with the loop. Part 2 is what running it for real takes: the
+command line, pre-flight checks, checkpoints and the run folder, the log, signals, speed, main().
 
     python train_gpt2.py --preset shakespeare              # CPU or Mac: Tiny Shakespeare, minutes
     python train_gpt2.py --input my.txt                    # your own text, the same small settings
@@ -17,15 +16,12 @@ pre-flight checks, the run folder and checkpoints, the log, signals, numerics an
     python train_gpt2.py --init-from gpt2 --max-lr 1e-4 ...         # fine-tune OpenAI's weights
     python train_gpt2.py --eval-only --resume auto --export-hf my-gpt2  # evaluate, sample, export
 
-Every flag and its default: python train_gpt2.py --help; the README is the manual. A run writes
-into --log-dir: log.txt (one `STEP KIND VALUE` record per line), checkpoints, and TensorBoard
-curves with --tensorboard.
+Every flag: python train_gpt2.py --help; the README is the manual. A run writes log.txt (one
+`STEP KIND VALUE` record per line), checkpoints and TensorBoard curves into --log-dir.
 """
 import argparse
-import inspect
 import math
 import os
-import pickle
 import random
 import re
 import shlex
@@ -44,8 +40,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from fineweb import (EOT, SHARD_RE, OneLineParser, UserError, add_flags, atomic_write, download,
-                     flag, given_flags, gpt2_bpe_files, gpt2_tokenizer, number, tokenize_batch)
+from fineweb import (EOT, SHARD_RE, OneLineParser, UserError, add_flags, atomic_write, flag,
+                     given_flags, gpt2_bpe_files, gpt2_tokenizer, number, tokenize_batch)
 
 # ================================================================================================
 # PART 1: THE LECTURE
@@ -64,12 +60,10 @@ class GPTConfig:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # width of the residual stream (channels)
-    # dropout probability in training (embeddings, attention weights, each residual branch); GPT-2
-    # used 0.1, but one epoch of pretraining data needs none. It fights overfitting on small data.
+    # GPT-2 used dropout 0.1; one epoch of pretraining data needs none, small data may
     dropout: float = 0.0
-    # The embedding / lm_head table has vocab_size rows rounded up to a multiple of this: 50257 ->
-    # 50304 = 393 * 128, a shape the matmul kernels like. The extra rows are never a target, never
-    # sampled and never scored (see GPT.vocab_bias).
+    # the embedding / lm_head table has vocab_size rows rounded up to a multiple of this: 50257 ->
+    # 50304 = 393 * 128, a shape the matmul kernels like; the extra rows are never used
     vocab_multiple: int = 128
 
     @property
@@ -101,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_PROJECTION = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
+    def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
         nh, hs = self.n_head, C // self.n_head  # number of heads, head size
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
@@ -109,20 +103,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
-        past = 0
         if kv_cache is not None:  # generation: attend to the keys and values of earlier tokens too
-            past = kv_cache.length_of(self.layer_idx)
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-        if attn_mask is not None:  # HellaSwag's packed rows bring their own mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif past == 0:  # training: flash attention on GPU, the (T, T) matrix is never stored
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees everything cached
-        else:  # several new tokens after a cached prefix: query i sits at position past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            assert T == 1 or k.size(2) == T, "after a cached prefix, one new token at a time"
+        # flash attention on a GPU: the (T, T) matrix is never stored. Causal: token t sees
+        # tokens 0..t (a single new token of generation sees everything cached)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)
         # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): the heads' outputs side by side
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -138,8 +125,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, kv_cache=kv_cache)
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -164,20 +151,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the output projection is the token embedding table (GPT-2 does this)
         self.transformer.wte.weight = self.lm_head.weight
-        # Speed: 0 for real tokens, -inf for the padded rows, added inside the lm_head matmul. The
-        # padded logits get zero probability, so the softmax is exactly the one over the real
-        # vocabulary, with no slicing copy of the (B*T, 50304) logits before the loss: the
-        # shakespeare preset's step is 1.11x faster than with the slice (2-core CPU, 20 alternating
-        # rounds, quartiles 1.06-1.14x). Not saved: it follows from the config.
+        # Speed: 0 for real tokens, -inf for the padded rows, added in the lm_head matmul: the
+        # softmax is the one over the real vocabulary without a copy of the logits (README: speed)
         vocab_bias = torch.zeros(config.padded_vocab_size)
         vocab_bias[config.vocab_size :] = float("-inf")
         self.register_buffer("vocab_bias", vocab_bias, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # GPT-2: N(0, 0.02) weights, zero biases; the two projections that write into the residual
-        # stream get std / sqrt(2 * n_layer), so the stream's variance does not grow with depth
-        # (each block adds to it twice).
+        # GPT-2: N(0, 0.02) weights, zero biases; the two projections into the residual stream get
+        # std / sqrt(2 * n_layer), so the stream's variance does not grow with depth
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJECTION", False):
@@ -188,23 +171,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx, pos=None, attn_mask=None, kv_cache=None):
-        """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T).
-
-        pos: position ids (T,) or (B, T); default 0..T-1, or following the cached prefix.
-        attn_mask: boolean (B or 1, 1, T, T_keys), True where a query may attend; default causal."""
+    def hidden_states(self, idx, kv_cache=None):
+        """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T), after any cached tokens."""
         B, T = idx.size()
         past = kv_cache.length if kv_cache is not None else 0
-        if pos is None:
-            if past + T > self.config.block_size:
-                bs = self.config.block_size
-                raise ValueError(f"sequence of {past + T} tokens is longer than the model's "
-                                 f"block_size {bs}: crop the input to the last {bs} tokens")
-            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-        # with explicit position ids (packed rows), the position table bounds the positions, not T
+        if past + T > self.config.block_size:
+            bs = self.config.block_size
+            raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size "
+                             f"{bs}: crop the input to the last {bs} tokens")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, attn_mask=attn_mask, kv_cache=kv_cache)
+            x = block(x, kv_cache=kv_cache)
         return self.transformer.ln_f(x)
 
     def padded_logits(self, x):
@@ -216,21 +194,14 @@ class GPT(nn.Module):
         return self.padded_logits(x)[..., : self.config.vocab_size]
 
     def forward(self, idx, targets=None, kv_cache=None, return_logits=True):
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None).
-
-        Targets of -1 are ignored (padding). return_logits=False gives None for the logits: training
-        does not read them, and a compiled model that returns them also runs their (zero) gradient
-        through backward, a pass over B*T*V floats."""
-        padded = self.padded_logits(self.hidden_states(idx, kv_cache=kv_cache))  # (B, T, padded V)
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None). Targets
+        of -1 are ignored. Training passes return_logits=False: a compiled model that returns the
+        logits also runs their (zero) gradient through backward."""
+        logits = self.padded_logits(self.hidden_states(idx, kv_cache))  # (B, T, padded V)
         loss = None
-        if targets is not None:
-            logits_2d, targets_1d = padded.reshape(-1, padded.size(-1)), targets.reshape(-1)
-            if torch.compiler.is_compiling():  # the compiler fuses F.cross_entropy's passes itself
-                loss = F.cross_entropy(logits_2d.float(), targets_1d, ignore_index=-1)
-            else:
-                loss = CrossEntropy.apply(logits_2d, targets_1d)
-        logits = padded[..., : self.config.vocab_size] if return_logits else None  # a view: no copy
-        return logits, loss
+        if targets is not None:  # in fp32, also under autocast: a sum over 50k probabilities
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return (logits[..., : self.config.vocab_size] if return_logits else None), loss
 
     def num_params(self, include_position_embeddings: bool = True) -> int:
         """Parameters (the tied embedding/lm_head table counted once, padded rows included)."""
@@ -238,10 +209,9 @@ class GPT(nn.Module):
         return n if include_position_embeddings else n - self.transformer.wpe.weight.numel()
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), as in the PaLM paper (appendix B):
-        6 * N + 12 * n_layer * n_embd * T. N counts the parameters without position embeddings (the
-        token table counts: it is also the lm_head matmul); 6 = 2 (multiply-add) x 3 (forward, and
-        backward for inputs and weights); the second term is attention's QK^T and AV."""
+        """Training FLOPs per token, as in the PaLM paper (appendix B): 6N + 12 * n_layer * n_embd
+        * T, N the parameters but the position table; 6 = 2 (multiply-add) x 3 (forward, backward
+        for inputs and weights); the second term is attention's QK^T and AV."""
         T = seq_len or self.config.block_size
         N = self.num_params(include_position_embeddings=False)
         return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
@@ -252,26 +222,20 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # the fused kernel updates each tensor in one pass (on a CPU, 13% faster shakespeare steps
-        # than the per-operation loop); CUDA and CPU have one
+        # the fused kernel updates each tensor in one pass instead of one kernel per operation
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-                 use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-
-        temperature == 0 is greedy; top_k keeps the k most likely tokens; `generator` (a
-        torch.Generator on idx's device) makes sampling reproducible. The context is cropped to the
-        last block_size tokens. With use_cache, each new token costs one token's forward pass (the
-        keys and values of earlier tokens are kept); once the context is full, cropping shifts every
-        position, so the cache is rebuilt from the cropped context."""
+        temperature 0 is greedy; top_k keeps the k most likely tokens; `generator` makes sampling
+        reproducible. Each new token costs one token's forward pass (the KV cache keeps the keys and
+        values of earlier ones); once the context is full, it is cropped to the last block_size
+        tokens, which shifts every position, so the cache is rebuilt."""
         block_size, cache = self.config.block_size, None
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -block_size:])
-            elif cache is None or cache.length >= block_size:
+            if cache is None or cache.length >= block_size:
                 cache = KVCache(self.config.n_layer)
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
@@ -294,69 +258,30 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
         """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, from the Hugging Face hub) or a
-        local folder in Hugging Face GPT-2 format (config.json + model.safetensors or
-        pytorch_model.bin). dropout: for fine-tuning (the weights do not depend on it)."""
-        import json
+        local folder in Hugging Face GPT-2 format, read by transformers. dropout: for fine-tuning."""
+        from transformers import GPT2LMHeadModel
 
-        if os.path.isdir(name_or_dir):
-            folder = name_or_dir
-        elif name_or_dir in HF_MODEL_NAMES:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(f"openai-community/{name_or_dir}",
-                                       allow_patterns=["config.json", "*.safetensors"])
-        else:
-            names = ", ".join(HF_MODEL_NAMES)
-            raise ValueError(f"{name_or_dir!r} is neither a local directory nor one of {names}")
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: a Hugging Face folder needs it")
-        with open(config_path) as f:
-            hf = json.load(f)
-        model = cls(GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                              n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                              dropout=dropout))
-        model.load_hf_state_dict(_read_hf_weights(folder))
+        hub = f"openai-community/{name_or_dir}" if name_or_dir in HF_MODEL_NAMES else name_or_dir
+        hf = GPT2LMHeadModel.from_pretrained(hub)
+        c = hf.config
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd, dropout=dropout))
+        theirs = hf.state_dict()
+        with torch.no_grad():
+            model.lm_head.weight.zero_()  # the padded vocabulary rows
+            for k, v in model.hf_state_dict().items():  # views of our weights, in their layout
+                v.copy_(theirs[k])
         return model
 
-    def load_hf_state_dict(self, hf_sd: dict):
-        """Copy a Hugging Face GPT-2 state dict (keys with or without 'transformer.') into ours."""
-        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
-        # causal-mask buffers of old transformers versions, and the tied lm_head: not weights
-        hf_sd = {k: v for k, v in hf_sd.items()
-                 if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-        ours = {k.removeprefix("transformer."): v for k, v in self.state_dict().items()
-                if k != "lm_head.weight"}
-        missing, unexpected = sorted(set(ours) - set(hf_sd)), sorted(set(hf_sd) - set(ours))
-        if missing or unexpected:
-            raise ValueError(f"GPT-2 checkpoint keys differ: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        V = self.config.vocab_size
-        with torch.no_grad():
-            for k, dst in ours.items():
-                src = hf_sd[k].t() if k.endswith(HF_CONV1D_WEIGHTS) else hf_sd[k]
-                want = (V, dst.shape[1]) if k == "wte.weight" else dst.shape  # padding: ours alone
-                if tuple(src.shape) != tuple(want):
-                    raise ValueError(f"shape mismatch for tensor {k!r}: checkpoint has "
-                                     f"{tuple(src.shape)}, model expects {tuple(want)} (check the "
-                                     f"sizes in config.json)")
-                if k == "wte.weight":
-                    dst.zero_()
-                    dst[:V].copy_(src)
-                else:
-                    dst.copy_(src)
-
     def hf_state_dict(self) -> dict:
-        """Our weights in GPT2LMHeadModel's layout (the padded vocabulary rows dropped)."""
+        """Our weights as GPT2LMHeadModel names them: views of our tensors (Conv1D weights
+        transposed, the padded vocabulary rows left out)."""
         out = {}
-        for k, v in self.state_dict().items():
-            if k == "lm_head.weight":
-                continue
-            v = v.detach().t() if k.endswith(HF_CONV1D_WEIGHTS) else v.detach()
-            if k == "transformer.wte.weight":
-                v = v[: self.config.vocab_size]
-            out[k] = v.contiguous().clone()
-        out["lm_head.weight"] = out["transformer.wte.weight"]
+        for k, v in self.state_dict(keep_vars=True).items():
+            v = v.detach()
+            out[k] = v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v
+        out["transformer.wte.weight"] = out["lm_head.weight"] = out["lm_head.weight"][
+            : self.config.vocab_size]
         return out
 
     def export_hf(self, out_dir: str):
@@ -370,9 +295,7 @@ class GPT(nn.Module):
             n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
             embd_pdrop=c.dropout, attn_pdrop=c.dropout,
             bos_token_id=EOT, eos_token_id=EOT, tie_word_embeddings=True))
-        result = hf.load_state_dict(self.hf_state_dict(), strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
-        assert all(k.endswith(".attn.bias") for k in result.missing_keys), result.missing_keys
+        hf.load_state_dict({k: v.contiguous() for k, v in self.hf_state_dict().items()}, strict=False)
         hf.save_pretrained(out_dir)
         # OpenAI's encoder.json is Hugging Face's vocab.json, vocab.bpe its merges.txt: with them,
         # other tools (lm-evaluation-harness) need nothing else
@@ -382,32 +305,15 @@ class GPT(nn.Module):
         return out_dir
 
 
-def _read_hf_weights(folder: str) -> dict:
-    """State dict of a Hugging Face model folder (safetensors first, else pytorch_model.bin)."""
-    st = os.path.join(folder, "model.safetensors")
-    bin_path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
-
-
-
 class KVCache:
     """For generate(): the keys and values of the tokens seen so far, one (k, v) pair per layer."""
 
     def __init__(self, n_layer: int):
         self.layers = [None] * n_layer
 
-    def length_of(self, layer: int) -> int:
-        return 0 if self.layers[layer] is None else self.layers[layer][0].size(2)
-
     @property
     def length(self) -> int:
-        return self.length_of(0)
+        return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append this step's keys/values (B, nh, T, hs) and return all of them so far."""
@@ -422,39 +328,39 @@ class KVCache:
 # The data loader
 
 
-class DataError(UserError):
-    """Training data that cannot be used; the message names the file and the fix."""
-
-
 def find_shards(data_dir: str, split: str) -> list[str]:
     """Shard files `<prefix>_<split>_<NNNNNN>.npy` of a split (fineweb.py writes them), in order."""
     fix = ("run `python fineweb.py` to build them, or train on a text file with `--preset "
            "shakespeare` / `--input FILE`")
     if not os.path.isdir(data_dir):
-        raise DataError(f"{data_dir}: no such data directory: {fix}")
+        raise UserError(f"{data_dir}: no such data directory: {fix}")
     matches = [m for m in map(SHARD_RE.fullmatch, os.listdir(data_dir))
                if m and m["split"] == split]
     found = sorted((int(m["index"]), m[0]) for m in matches)
     if not found:
-        raise DataError(f"{data_dir}: no {split} shards (*_{split}_NNNNNN.npy): {fix}")
+        raise UserError(f"{data_dir}: no {split} shards (*_{split}_NNNNNN.npy): {fix}")
     return [os.path.join(data_dir, name) for _, name in found]
 
 
+SHARD_CHECK_WINDOWS, SHARD_CHECK_TOKENS = 16, 4096
+
+
 def open_shard(path: str) -> np.ndarray:
-    """Memory-map a shard and check it: 1-D uint16, and a sample of its ids < 50257 (the loader
-    checks every id it reads)."""
+    """Memory-map a shard and check it: 1-D uint16, ids < 50257 in 16 windows of 4,096 tokens spread
+    over it (128 KB read, whatever its size). The loader checks every id it reads."""
     fix = "rebuild it with `python fineweb.py` (or delete it)"
     try:
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:  # truncated file, bad header, not a .npy at all
-        raise DataError(f"{path}: unreadable shard ({e}); {fix}") from None
+        raise UserError(f"{path}: unreadable shard ({e}); {fix}") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise DataError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, "
+        raise UserError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, "
                         f"expected 1-D uint16; {fix}")
-    sample = np.concatenate([tokens[: 1 << 16], tokens[:: max(1, len(tokens) // (1 << 16))]])
-    if len(sample) and int(sample.max()) >= GPT2_VOCAB_SIZE:
-        raise DataError(f"{path}: token id {int(sample.max())} >= {GPT2_VOCAB_SIZE}: not GPT-2 "
-                        f"tokens; {fix}")
+    starts = np.linspace(0, max(0, len(tokens) - SHARD_CHECK_TOKENS), SHARD_CHECK_WINDOWS)
+    top = max((int(tokens[s : s + SHARD_CHECK_TOKENS].max()) for s in starts.astype(np.int64)
+               if len(tokens)), default=0)
+    if top >= GPT2_VOCAB_SIZE:
+        raise UserError(f"{path}: token id {top} >= {GPT2_VOCAB_SIZE}: not GPT-2 tokens; {fix}")
     return tokens
 
 
@@ -464,8 +370,8 @@ def load_shards(data_dir: str, split: str) -> tuple[list[np.ndarray], list[str]]
 
 
 def load_text(path: str, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """A UTF-8 text file as one document, <|endoftext|> and its tokens, cut in two: the last 10% of
-    the tokens is the validation split. read_text (Part 2) checks the file."""
+    """A UTF-8 text file as one document (<|endoftext|>, then its tokens); the last 10% of the
+    tokens is the validation split."""
     ids = tokenize_batch([read_text(path)])  # the tokens of fineweb.py's shards, for the same text
     n_train = int(len(ids) * (1 - val_fraction))
     return ids[:n_train], ids[n_train:]
@@ -474,14 +380,12 @@ def load_text(path: str, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndar
 class DataLoader:
     """Batches of sequences (x, y = the same tokens shifted by one) from token arrays.
 
-    Every array (a shard, or a split of a text file) is cut into sequences of T + 1 tokens with
-    stride T (the < T tokens at an array's end are left out). Sequences are numbered globally:
-    sequence g belongs to epoch g // sequences_per_epoch. With `shuffle`, each epoch visits the
-    arrays in a fresh random order and each array's sequences in a fresh random order, both drawn
-    from (seed, epoch), so the loss curve has no periodic wave. Optimizer step s uses sequences
-    [s * N, (s + 1) * N), N = sequences per optimizer step; rank r's micro-step m takes the B of
-    them starting at (m * world_size + r) * B. So the data of a step depends on the seed, T and N
-    only, never on B or the number of ranks, and `state_dict()` is one integer."""
+    Each array (a shard, or a split of a text file) is cut into sequences of T + 1 tokens with
+    stride T. Sequences are numbered globally, epoch after epoch; with `shuffle`, each epoch visits
+    the arrays, and each array's sequences, in a fresh order drawn from (seed, epoch). Step s uses
+    sequences [s * N, (s + 1) * N), N per optimizer step; rank r's micro-step m takes the B starting
+    at (m * world_size + r) * B. So a step's data depends on the seed, T and N only, never on B or
+    the number of ranks, and `state_dict()` is one integer."""
 
     def __init__(self, arrays, names, B, T, grad_accum_steps=1, rank=0, world_size=1, seed=0,
                  shuffle=True):
@@ -519,9 +423,8 @@ class DataLoader:
         return a, j * self.T
 
     def tokens(self, seq_numbers) -> np.ndarray:
-        """Sequences by global number -> uint16 array (len, T + 1), every id checked: a max() over
-        B x (T + 1) ints, 2.4 us for 64 x 1,025 against 0.4 ms to gather them (dev CPU), where
-        checking whole shards up front would read all of FineWeb-Edu's 20 GB before step 0."""
+        """Sequences by global number -> uint16 array (len, T + 1), every id checked (a max() over
+        the batch costs far less than gathering it)."""
         rows = []
         for g in seq_numbers:
             a, start = self.locate(int(g))
@@ -530,7 +433,7 @@ class DataLoader:
         if tokens.max(initial=0) >= GPT2_VOCAB_SIZE:
             r, c = np.argwhere(tokens >= GPT2_VOCAB_SIZE)[0]
             a, start = self.locate(int(seq_numbers[r]))
-            raise DataError(f"{self.names[a]}: token id {tokens[r, c]} at position {start + c:,} "
+            raise UserError(f"{self.names[a]}: token id {tokens[r, c]} at position {start + c:,} "
                             f"is not a GPT-2 token (ids must be < {GPT2_VOCAB_SIZE}): rebuild the "
                             f"shard with `python fineweb.py`")
         return tokens
@@ -589,27 +492,22 @@ def get_lr(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_r
 
 @torch.no_grad()
 def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) -> float:
-    """Mean loss over the first num_seqs validation sequences (the same set on any world size).
-
-    Rank r takes sequences r, r + world, ...; batches keep the training shape (B, T), the last one
-    padded with targets of -1 (ignored), so a compiled model sees no new shape. Summed losses and
-    token counts are all-reduced, so the mean is over exactly the same tokens on 1 or 8 GPUs. Each
-    batch's sum is fp32 on the device (MPS has no float64); they add up in float64 on the host."""
+    """Mean loss over the first num_seqs validation sequences, the same tokens on any world size:
+    rank r takes sequences r, r + world, ..., in batches of the training shape (the last one padded
+    with ignored targets, so a compiled model sees no new shape); sums and counts are all-reduced."""
     mine = list(range(loader.rank, num_seqs, loader.world_size))
     B, T = loader.B, loader.T
-    sums = []  # per batch: (summed loss, scored tokens), fp32 on the device
+    sums = [torch.zeros(2, device=device)]  # per batch: (summed loss, scored tokens)
     for i in range(0, len(mine), B):
-        x, y = loader.batch(mine[i : i + B])
+        x, y = loader.batch(mine[i : i + B], device)
         if len(x) < B:  # pad to the training shape; padded rows score nothing
-            x = torch.cat([x, torch.zeros(B - len(x), T, dtype=x.dtype)])
-            y = torch.cat([y, torch.full((B - len(y), T), -1, dtype=y.dtype)])
-        x, y = x.to(device), y.to(device)
+            x = torch.cat([x, x.new_zeros(B - len(x), T)])
+            y = torch.cat([y, y.new_full((B - len(y), T), -1)])
         with autocast:
             _, loss = model(x, y, return_logits=False)  # else a compiled model outputs all logits
         n = (y != -1).sum().float()
         sums.append(torch.stack([loss.float() * n, n]))
-    # a rank may have no sequence at all (fewer of them than ranks)
-    total = torch.stack(sums).cpu().double().sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
+    total = torch.stack(sums).cpu().double().sum(dim=0)
     if loader.world_size > 1:
         total = total.to(device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -618,10 +516,7 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) 
 
 @torch.no_grad()
 def sample_text(model, prompt, num_samples, max_new_tokens, device, autocast, seed, top_k=50):
-    """Samples from the raw model. Generation uses the KV cache at shapes that change every token,
-    which a compiled model would recompile for; the raw module shares the trained weights, and
-    sampling is a small share of a run's time, so it runs uncompiled. An empty prompt starts from
-    <|endoftext|>."""
+    """Samples continuing `prompt` (an empty one starts from <|endoftext|>)."""
     enc = gpt2_tokenizer()
     ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -632,6 +527,29 @@ def sample_text(model, prompt, num_samples, max_new_tokens, device, autocast, se
         out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=top_k, generator=generator)
     model.train(was_training)
     return [enc.decode(row) for row in out.tolist()]
+
+
+def evaluate(step, kinds, model, raw_model, val_loader, cfg, d, prep, autocast, log):
+    """The evaluations of `kinds` ("val", "hella", "sample") at `step`, logged; returns the val loss
+    (or None). HellaSwag and sampling change shapes with every batch, which a compiled model would
+    recompile for: they use the raw model, which shares the compiled one's weights."""
+    val_loss = None
+    if "val" in kinds:
+        model.eval()  # dropout off
+        val_loss = validation_loss(model, val_loader, prep.val_seqs, d.device, autocast)
+        model.train(raw_model.training)
+        log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
+    if "hella" in kinds:
+        result = hellaswag.evaluate(raw_model, prep.hellaswag, device=d.device,
+                                    batch_size=max(1, val_loader.B // 4), autocast=autocast,
+                                    rank=d.rank, world_size=d.world_size)
+        log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
+    if "sample" in kinds:
+        for i, text in enumerate(sample_text(raw_model, cfg.prompt, cfg.num_samples,
+                                             cfg.sample_tokens, d.device, autocast,
+                                             seed=cfg.seed + 1000 * d.rank + step)):
+            print(f"rank {d.rank} sample {i}: {text!r}", flush=True)  # every rank its own
+    return val_loss
 
 
 # ------------------------------------------------------------------------------------------------
@@ -645,20 +563,14 @@ class Dist:
     world_size: int
     device: torch.device
     device_type: str  # "cuda", "mps" or "cpu": compare this, never device strings
-
-    @property
-    def ddp(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    ddp: bool  # more than one process
+    is_main: bool  # rank 0: the one that writes files and prints
 
 
-def setup_distributed(device_arg: str = "auto") -> Dist:
+def setup_distributed(device_arg: str = "auto", timeout_minutes: float = 10) -> Dist:
     """The one setup of processes and devices (training, hellaswag.py): detect torchrun (RANK,
     LOCAL_RANK, WORLD_SIZE in the environment), pick the device, and join the process group: NCCL on
-    CUDA, gloo on CPU."""
+    CUDA, gloo on CPU. A collective that waits longer than timeout_minutes fails the run."""
     if device_arg == "auto":
         mps = torch.backends.mps.is_available()
         device_arg = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
@@ -667,11 +579,11 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device_arg}: no CUDA device is visible; use --device cpu")
+        raise UserError(f"--device {device_arg}: no CUDA device is visible; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps: MPS is not available on this machine; use --device cpu")
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
     rank, local_rank, world_size = 0, 0, 1
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -682,10 +594,13 @@ def setup_distributed(device_arg: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if world_size > 1:
         if device.type == "mps":
-            raise ConfigError("torchrun with --device mps is not supported: use --device cpu, or "
-                              "one process")
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, local_rank, world_size, device, device.type)
+            raise UserError("torchrun with --device mps is not supported: use --device cpu, or one "
+                            "process")
+        import datetime
+
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return Dist(rank, local_rank, world_size, device, device.type, world_size > 1, rank == 0)
 
 
 def cleanup_distributed():
@@ -697,41 +612,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_bf16() -> str | None:
-    """The bf16 matrix instructions of this CPU, as torch detects them: "AMX" (Intel Xeon from
-    Sapphire Rapids on), "AVX512-BF16" (AMD Zen 4 and 5, Intel Cooper Lake), or None (AVX2 only,
-    where bf16 autocast is emulated and measured 14-190x slower than fp32; Arm CPUs: not measured)."""
+    """This CPU's bf16 instructions, if any: AMX (Xeon Sapphire Rapids on), AVX512-BF16 (Zen 4, 5).
+    Elsewhere bf16 is emulated, many times slower than fp32."""
     caps = torch.cpu.get_capabilities()
-    if caps.get("amx_bf16"):
-        return "AMX"
-    return "AVX512-BF16" if caps.get("avx512_bf16") else None
+    return "AMX" if caps.get("amx_bf16") else "AVX512-BF16" if caps.get("avx512_bf16") else None
 
 
 def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """The one precision decision (training, hellaswag.py and the benchmarks ask here): the dtype of
-    the matmuls in every forward pass. `auto` gives bf16 on a GPU with bf16 tensor cores (compute
-    capability 8.0 or higher: A100, H100, RTX 30xx/40xx), fp16 on older GPUs (V100, T4; there
-    torch.cuda.is_bf16_supported() answers True since torch 2.4, counting slow emulation), bf16 on
-    a CPU with bf16 instructions (cpu_bf16), and fp32 on other CPUs and MPS. Weights, optimizer
-    state and the loss stay fp32 whatever the dtype."""
-    if requested not in ("auto", *DTYPES):
-        raise ConfigError(f"--dtype {requested}: choose auto, {', '.join(DTYPES)}")
+    """The one precision decision: the dtype of the forward pass's matmuls. `auto`: bf16 on GPUs of
+    compute capability 8.0 and up (A100, H100, RTX 30xx/40xx), fp16 on older ones (V100, T4), bf16
+    on CPUs with bf16 instructions, else fp32. Weights, optimizer state and the loss stay fp32."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if requested == "bf16" and major < 8:
             name = torch.cuda.get_device_name(device)
-            raise ConfigError(f"--dtype bf16: {name} (compute capability {major}.{minor}) has no "
-                              f"bf16 hardware; use --dtype fp16 (or auto)")
+            raise UserError(f"--dtype bf16: {name} (compute capability {major}.{minor}) has no "
+                            f"bf16 hardware; use --dtype fp16 (or auto)")
         if requested == "auto":
             return torch.bfloat16 if major >= 8 else torch.float16
     if requested == "auto":
-        # bf16 against fp32 on a 2-core Xeon with AMX (issue 22's figures): a 2048^3 matmul 2,513 vs
-        # 347 GFLOP/s; the shakespeare preset 1.37x faster, final val loss 4.850 vs 4.816
         return torch.bfloat16 if device.type == "cpu" and cpu_bf16() else torch.float32
     return DTYPES[requested]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def autocast_context(device_type: str, dtype: torch.dtype):
@@ -742,37 +643,32 @@ def autocast_context(device_type: str, dtype: torch.dtype):
 
 
 def synchronize(device: torch.device):
-    """Wait for the device's queued work: GPU work is asynchronous, so a clock read without this
-    times only the launching of kernels."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    """Wait for the device's queued work (GPU work is asynchronous): then a clock read is honest."""
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
 
 
 # ------------------------------------------------------------------------------------------------
 # Training: gradient accumulation, DDP and the loop
 
 
-def forward_backward(model, loader, grad_accum_steps: int, device, autocast, scaler=None, ddp=None):
+def forward_backward(model, loader, grad_accum_steps: int, device, autocast, scaler, ddp=None):
     """The gradients of one optimizer step: grad_accum_steps micro-batches of B sequences on this
-    rank, added up in the parameters' .grad. Returns this rank's mean loss as a device tensor (no
-    host sync). `ddp`: the DDP wrapper of a multi-process run. bench/train.py times this too."""
+    rank, added up in .grad. Returns this rank's mean loss, on the device (no wait for it)."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = loader.next_batch(device)
-        # DDP all-reduces (averages) the gradients over the ranks during backward. Only the last
-        # micro-step needs that: before it, no_sync() lets the gradients pile up locally. It has to
-        # be entered before the forward pass, which is where DDP decides.
+        # DDP averages the gradients over the ranks during backward; only the last micro-step
+        # needs that: before it, no_sync() (entered before the forward pass) lets them pile up
         last = micro_step == grad_accum_steps - 1
         with ddp.no_sync() if ddp is not None and not last else nullcontext():
             with autocast:
                 _, loss = model(x, y, return_logits=False)
-            # backward adds gradients up; each micro-batch loss is a mean over its B*T tokens, so
-            # dividing by the number of micro-steps makes the sum the whole batch's mean's gradient
+            # backward adds gradients up: dividing each micro-batch's mean loss by the number of
+            # micro-steps makes the sum the gradient of the whole batch's mean
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            scaler.scale(loss).backward()  # fp16: the loss times a large scale (else unchanged)
     return loss_accum
 
 
@@ -789,11 +685,11 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     # --- the model -------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.init_from == "scratch":
-        raw_model = GPT(GPTConfig(block_size=cfg.block_size or T, n_layer=cfg.n_layer,
-                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+        raw_model = GPT(GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                  n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:  # fine-tuning: OpenAI's GPT-2 (from the hub) or a Hugging Face GPT-2 folder
         raw_model = load_model(cfg.init_from, dropout=cfg.dropout).train()
-    check_model(cfg, raw_model, prep)  # it fits --seq-len, and the checkpoint we resume
+    check_seq_len(cfg, raw_model)
     # raw_model stays the plain module: we save, sample and run HellaSwag with it. `model`, made
     # under "compile and DDP" below, holds the same weights, compiled and wrapped for training
     raw_model.to(d.device)
@@ -808,10 +704,7 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     # --- the micro-batch -------------------------------------------------------------------
     # A step sees total_batch_size tokens = B x T x processes x grad_accum_steps: B sequences are
     # what fits in memory at once, and adding up the gradients of micro-steps does the rest
-    if cfg.batch_size == "auto":
-        B = auto_micro_batch(cfg, raw_model, d, autocast)
-    else:
-        B = cfg.batch_size
+    B = auto_micro_batch(cfg, raw_model, d, autocast) if cfg.batch_size == "auto" else cfg.batch_size
     grad_accum_steps = micro_steps(cfg, B, d.world_size)
     print0(f"batch: {cfg.total_batch_size:,} tokens per step = {B} x {T} x {d.world_size} "
            f"processes x {grad_accum_steps} micro-steps")
@@ -822,44 +715,46 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     train_loader = DataLoader(*prep.train, **shape, seed=cfg.seed, shuffle=True)
     val_loader = DataLoader(*prep.val, **shape, shuffle=False)  # the same sequences every time
     epoch = train_loader.seqs_per_epoch
-    steps = epoch / train_loader.seqs_per_step
-    print0(f"data: {epoch:,} training sequences per epoch ({steps:.1f} steps)")
+    print0(f"data: {epoch:,} training sequences per epoch "
+           f"({epoch / train_loader.seqs_per_step:.1f} steps)")
 
-    # --- the optimizer ---------------------------------------------------------------------
+    # --- the optimizer and the loss scaler --------------------------------------------------
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
-    # updater.apply_update() calls optimizer.step(), with loss scaling when autocast is fp16, and
-    # skips the update of a non-finite loss
-    updater = Updater(optimizer, grad_scaler(d.device_type, prep.dtype), raw_model, cfg)
+    # fp16 has 5 exponent bits: small gradients underflow to 0. The GradScaler multiplies the loss
+    # by a large scale before backward, unscales the gradients before clipping, skips a step whose
+    # gradients overflowed and lowers the scale. bf16 has fp32's range: there it does nothing.
+    scaler = torch.amp.GradScaler(d.device_type, enabled=prep.dtype == torch.float16)
 
     # --- resume ----------------------------------------------------------------------------
     # weights, optimizer moments, loss scale, data position and random states: the run goes on
     # as if it had never stopped
-    start_step, val_loss = 0, None
+    start_step, val_loss, skipped = 0, None, 0
     if prep.ckpt is not None:
-        start_step, val_loss = resume(prep, raw_model, updater, train_loader, cfg, d)
+        start_step, val_loss, skipped = resume(prep, raw_model, optimizer, scaler, train_loader,
+                                               d)
 
     # --- compile and DDP -------------------------------------------------------------------
     # DDP first, then the compiler, as PyTorch documents it: the compiler then splits the
     # backward pass at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest
     ddp = None
     if d.ddp:
-        # no buffer broadcast before each pass: the one buffer (the vocabulary bias) never changes
         ddp = DDP(raw_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
-                  gradient_as_bucket_view=True, **{DDP_BUFFER_SYNC: False})
+                  gradient_as_bucket_view=True)
     model = ddp or raw_model
-    use_compile, why = compile_choice(cfg, d)
+    # default: on CUDA GPUs of compute capability 7.0 and up, the oldest that Triton supports
+    use_compile = cfg.compile if cfg.compile is not None else (
+        d.device_type == "cuda" and torch.cuda.get_device_capability(d.device) >= (7, 0))
     if use_compile:
         model = torch.compile(model)  # the first step compiles (a minute for 124M on a GPU)
-    scaled = " with loss scaling" if updater.scaler else ""
-    print0(f"device: {d.device} x {d.world_size} process(es), autocast: {dtype_name(prep.dtype)}"
-           f"{dtype_reason(d.device, cfg.dtype)}{scaled}, compile: {use_compile}{why}, deterministic: "
-           f"{torch.are_deterministic_algorithms_enabled()}")
+    print0(f"device: {d.device} x {d.world_size} process(es), autocast: {str(prep.dtype)[6:]}"
+           f"{' with loss scaling' if scaler.is_enabled() else ''}, compile: {use_compile}, "
+           f"deterministic: {torch.are_deterministic_algorithms_enabled()}")
     log = start_log(cfg, d, prep, start_step)  # log.txt from here on; --overwrite takes effect
     peak = None  # the bf16 (fp16) peak: no MFU for fp32
     if d.device_type == "cuda" and prep.dtype != torch.float32:
         peak = peak_flops(torch.cuda.get_device_name(d.device))
     stop = StopRequest()  # SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit
-    step_times = []
+    bad_in_a_row, step_times = 0, []
 
     # --- the loop --------------------------------------------------------------------------
     try:
@@ -868,27 +763,16 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
             # Evaluation comes before the step: step 0 shows the untrained model (a loss near
             # ln 50257 = 10.8), and the last step, max_steps, the weights after every update, which
             # the last checkpoint saves. Every rank takes part, so each decides by the step alone.
-            if due(cfg.val_every, step, last_step):
-                model.eval()  # dropout off
-                val_loss = validation_loss(model, val_loader, prep.val_seqs, d.device, autocast)
-                model.train()
-                log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
-            if due(cfg.hellaswag_every, step, last_step):
-                # on the raw model: the shapes change with every batch, which would recompile
-                result = hellaswag.evaluate(raw_model, prep.hellaswag, device=d.device,
-                                            batch_size=max(1, B // 4), autocast=autocast,
-                                            rank=d.rank, world_size=d.world_size)
-                log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
-            if due(cfg.sample_every, step, last_step) and step > 0:
-                for i, text in enumerate(sample_text(raw_model, cfg.prompt, cfg.num_samples,
-                                                     cfg.sample_tokens, d.device, autocast,
-                                                     seed=cfg.seed + 1000 * d.rank + step)):
-                    print(f"rank {d.rank} sample {i}: {text!r}", flush=True)  # every rank its own
+            kinds = [kind for kind, every in (("val", cfg.val_every), ("hella", cfg.hellaswag_every),
+                                              ("sample", cfg.sample_every))
+                     if due(every, step, last_step) and (kind != "sample" or step > 0)]
+            if kinds:
+                val_loss = evaluate(step, kinds, model, raw_model, val_loader, cfg, d, prep,
+                                    autocast, log) or val_loss
             # a checkpoint of the weights after `step` updates, with the evaluation just made;
             # none while the losses are not finite, so that the last good ones stay on disk
-            saving = due(cfg.checkpoint_every, step, last_step) and not updater.bad_in_a_row
-            if saving and step > start_step:
-                save(step, cfg, d, raw_model, updater, train_loader, val_loss)
+            if due(cfg.checkpoint_every, step, last_step) and step > start_step and not bad_in_a_row:
+                save(step, cfg, d, raw_model, optimizer, scaler, train_loader, val_loss, skipped)
             if last_step:
                 break
 
@@ -897,24 +781,29 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
             # the last step's gradients go (set_to_none frees them), then this step's add up
             optimizer.zero_grad(set_to_none=True)
             loss = forward_backward(model, train_loader, grad_accum_steps, d.device, autocast,
-                                    updater.scaler, ddp)
-            if updater.scaler is not None:
-                updater.scaler.unscale_(optimizer)  # fp16: clip the true gradients, not scaled ones
+                                    scaler, ddp)
+            scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
             # clipping the gradient's global norm keeps one bad batch from throwing the weights far
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
             # the learning rate of this step: linear warmup, then cosine decay
             lr = get_lr(step, cfg.max_lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # one all-reduce per step, for the log and for stopping: the loss averaged over the
-            # ranks (the gradients already are), and whether any rank was asked to stop, so that
-            # every rank stops after the same step
-            stop_flag = torch.tensor(float(stop.requested), device=d.device)
-            stats = torch.stack([loss.float(), stop_flag])
+            # the step's one wait for the device, and one all-reduce: the loss averaged over the
+            # ranks (the gradients already are), the norm, and whether any rank was asked to stop,
+            # so that every rank stops after the same step
+            stats = torch.stack([loss, norm.float(), torch.full((), float(stop.requested),
+                                                                device=d.device)])
             if d.ddp:
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            loss, stop_now, norm = stats[0].item() / d.world_size, stats[1].item() > 0, norm.item()
-            updater.apply_update(step, loss, norm, log)  # optimizer.step(), unless not finite
+            loss, norm, stop_now = (stats / d.world_size).tolist()
+            if math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled()):
+                scaler.step(optimizer)  # optimizer.step(); fp16: skipped if gradients overflowed
+                bad_in_a_row = 0
+            else:  # a non-finite loss: no update, the step is counted; too many in a row stop
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                skip_update(step, loss, norm, bad_in_a_row, skipped, cfg, log)
+            scaler.update()  # fp16: halve the scale after an overflow, double it after 2,000 steps
             synchronize(d.device)  # the clock measures finished work, not queued kernels
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -928,15 +817,20 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
             # ------------------------------- END the optimization step -------------------------
 
             if stop_now:  # the step under way when the signal came is finished, then saved
-                if not updater.bad_in_a_row:  # (unless its loss was not finite: keep the good ones)
-                    save(step + 1, cfg, d, raw_model, updater, train_loader, val_loss)
+                if not bad_in_a_row:  # (unless its loss was not finite: keep the good ones)
+                    save(step + 1, cfg, d, raw_model, optimizer, scaler, train_loader, val_loss,
+                         skipped)
                 print0(f"stopped by signal after step {step}; continue with --resume auto")
                 return
     finally:
         log.close()  # TensorBoard's last points too, whatever ends the run
-    updater.check_last_step(cfg.max_steps - 1)
+    if bad_in_a_row:
+        raise UserError(f"the last step ({cfg.max_steps - 1}) was skipped: its loss was not "
+                        f"finite; {last_good(cfg.log_dir)}")
     print0(run_summary(step_times, cfg, d, peak, flops_per_token))
-    export(raw_model, cfg, d)
+    if cfg.export_hf and d.is_main:
+        raw_model.export_hf(cfg.export_hf)
+        print0(f"exported the model in Hugging Face format to {cfg.export_hf}")
 
 
 # ================================================================================================
@@ -945,11 +839,6 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
 
 # ------------------------------------------------------------------------------------------------
 # The command line and the presets
-
-
-class ConfigError(UserError):
-    """A command-line setting that cannot work; the message names the flag and the fix."""
-
 
 PRESETS = {
     # GPT-2 124M on 10B tokens of FineWeb-Edu: 19073 steps of 2**19 tokens (the RunConfig defaults)
@@ -975,34 +864,26 @@ PRESETS = {
         total_batch_size=1048576, max_steps=32000,  # -d 1048576 -x 32000: 33.6B tokens
         data_dir="edu_fineweb100B", checkpoint_every=2000,  # FineWeb-Edu 100B; -n 2000
     ),
-    # Tiny Shakespeare (or any --input text) on a laptop CPU: a model that learns in minutes
+    # Tiny Shakespeare (or any --input text) on a laptop CPU: a model that learns in minutes (how
+    # it was tuned: bench/README.md)
     "shakespeare": dict(
-        # Tuned on a 2-core CPU (7 minutes there; README: Results). At equal tokens, 1,024-token
-        # steps beat 2,048 (val 4.82 vs 5.13 after 1.6M tokens) and 512; dropout 0.1 helps a little
-        # (each token is seen about 4 times); 8 layers did not help. LR 6e-3 after 50 warmup steps
-        # had gradient-norm spikes (up to 23) that cost 0.3 of loss for good; 4e-3 after 100 steps
-        # trained smoothly and ended lower than 6e-3 (4.81 vs 4.86 in 1,400 steps).
         input="input.txt", n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=8, seq_len=128,
         total_batch_size=1024, max_steps=1200, warmup_steps=100, max_lr=4e-3, val_every=200,
         val_tokens=32768, hellaswag_every=0, sample_every=400, checkpoint_every=400,
     ),
 }
 NO_PROBE_MICRO_BATCH = 8  # --batch-size auto where no memory probe runs (CPU, MPS): at most this
+MAX_BAD_STEPS = 5  # non-finite losses in a row that stop a run
 
 
 def batch_size_value(text: str):
     """--batch-size: auto, or a whole number of at least 1."""
-    if text == "auto":
-        return text
-    try:
-        return number(int, 1)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be auto or an integer of at least 1, got {text!r}") \
-            from None
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"must be auto or an integer of at least 1, got {text!r}")
+    return text if text == "auto" else int(text)
 
 
-def at_least(least, kind=int):
-    return number(kind, least)
+NATURAL, POSITIVE, NONNEGATIVE = number(int, 0), number(int, 1), number(float, 0)
 
 
 @dataclass
@@ -1011,52 +892,48 @@ class RunConfig:
                        "starts from shakespeare)", choices=tuple(PRESETS))
     # data
     data_dir: str = flag("edu_fineweb10B", "folder of .npy token shards (python fineweb.py makes it)")
-    input: str = flag("", "train on this UTF-8 text file instead (its last 10% is validation); "
-                      "input.txt is downloaded if missing")
+    input: str = flag("", "train on this UTF-8 text file instead (its last 10% is validation)")
     # model
     init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local "
                           "Hugging Face GPT-2 folder (fine-tuning)")
-    n_layer: int = flag(12, "transformer blocks", at_least(1))
-    n_head: int = flag(12, "attention heads", at_least(1))
-    n_embd: int = flag(768, "model width (channels), a multiple of --n-head", at_least(1))
-    dropout: float = flag(0.0, "dropout probability in training (0 = off; against overfitting on "
-                          "small data)", number(float, 0, below=1))
-    block_size: int = flag(0, "position-table size (tokens); 0 = --seq-len", at_least(0))
+    n_layer: int = flag(12, "transformer blocks", POSITIVE)
+    n_head: int = flag(12, "attention heads", POSITIVE)
+    n_embd: int = flag(768, "model width (channels), a multiple of --n-head", POSITIVE)
+    dropout: float = flag(0.0, "dropout probability in training (against overfitting on small data)",
+                          number(float, 0, below=1))
     # batch
     batch_size: int | str = flag("auto", "micro-batch B (sequences per forward pass per process); "
                                  "auto: on CUDA the largest that fits, else at most 8",
                                  batch_size_value)
-    seq_len: int = flag(1024, "sequence length T (tokens)", at_least(1))
-    total_batch_size: int = flag(524288, "tokens per optimizer step, over all processes and "
-                                 "micro-steps", at_least(1))
+    seq_len: int = flag(1024, "sequence length T (tokens)", POSITIVE)
+    total_batch_size: int = flag(524288, "tokens per optimizer step, all processes and micro-steps",
+                                 POSITIVE)
     # optimization
-    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", at_least(1))
-    warmup_steps: int = flag(715, "linear LR warmup steps", at_least(0))
+    max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", POSITIVE)
+    warmup_steps: int = flag(715, "linear LR warmup steps", NATURAL)
     max_lr: float = flag(6e-4, "peak learning rate", number(float, above=0))
     min_lr_ratio: float = flag(0.1, "the cosine decay ends at this fraction of --max-lr",
                                number(float, 0, 1))
-    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D parameters", at_least(0, float))
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", at_least(0, float))
-    seed: int = flag(1337, "seed of the initial weights and of the data order", at_least(0))
+    weight_decay: float = flag(0.1, "AdamW weight decay of 2-D parameters", NONNEGATIVE)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", NONNEGATIVE)
+    seed: int = flag(1337, "seed of the initial weights and of the data order", NATURAL)
     dtype: str = flag("auto", "autocast precision; auto: bf16 on GPUs and CPUs with bf16 hardware, "
                       "fp16 on older GPUs, fp32 on other CPUs and MPS", choices=("auto", *DTYPES))
-    deterministic: bool = flag(None, "the same losses to the bit from the same command (default: "
-                               "on for CPU runs, where it costs nothing measurable; README: "
-                               "Reproducibility)", bool)
+    deterministic: bool = flag(None, "the same losses to the bit from the same command (default: on "
+                               "for CPU runs, where it costs nothing measurable)", bool)
     # periodic work (0 = off; each also runs at the end)
-    val_every: int = flag(250, "validation loss every N steps", at_least(0))
+    val_every: int = flag(250, "validation loss every N steps", NATURAL)
     val_tokens: int = flag(10485760, "validation tokens (a fixed set, whatever the world size); not "
-                           "given: the whole val split, up to this many", at_least(1))
-    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps", at_least(0))
+                           "given: the whole val split, up to this many", POSITIVE)
+    hellaswag_every: int = flag(250, "HellaSwag accuracy every N steps", NATURAL)
     hellaswag_data: str = flag("", "local HellaSwag JSON-lines file (default: the download)")
-    hellaswag_limit: int = flag(0, "score the first N HellaSwag examples (0 = all 10,042)",
-                                at_least(0))
-    sample_every: int = flag(250, "print --num-samples samples every N steps", at_least(0))
+    hellaswag_limit: int = flag(0, "score the first N HellaSwag examples (0 = all)", NATURAL)
+    sample_every: int = flag(250, "print --num-samples samples every N steps", NATURAL)
     prompt: str = flag("Hello, I'm a language model,", "what samples continue")
-    num_samples: int = flag(4, "samples each time", at_least(1))
-    sample_tokens: int = flag(32, "new tokens per sample", at_least(1))
-    checkpoint_every: int = flag(1000, "checkpoint every N steps", at_least(0))
-    keep_checkpoints: int = flag(3, "keep the last N checkpoints (0 = all)", at_least(0))
+    num_samples: int = flag(4, "samples each time", POSITIVE)
+    sample_tokens: int = flag(32, "new tokens per sample", POSITIVE)
+    checkpoint_every: int = flag(1000, "checkpoint every N steps", NATURAL)
+    keep_checkpoints: int = flag(3, "keep the last N checkpoints (0 = all)", NATURAL)
     # run
     log_dir: str = flag("log", "folder of log.txt and checkpoints; one run per folder")
     overwrite: bool = flag(False, "delete another run's log and checkpoints in --log-dir first")
@@ -1069,7 +946,8 @@ class RunConfig:
                            "sample, then exit without writing to --log-dir")
     export_hf: str = flag("", "after training (or --eval-only), write the model to this folder in "
                           "Hugging Face format")
-    max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row", at_least(1))
+    dist_timeout: float = flag(30, "minutes a process waits for the others in a collective (rank 0 "
+                               "saving a checkpoint) before the run fails", number(float, above=0))
     # not flags: the command line's arguments, and the flags among them
     argv: tuple = field(default=())
     given: frozenset = field(default=frozenset())
@@ -1094,29 +972,26 @@ def parse_args(argv=None) -> RunConfig:
     cfg = RunConfig(**{**PRESETS[preset], **given, "preset": preset, "argv": tuple(argv),
                        "given": frozenset(given)})
     if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the "
-                          f"heads split the width")
-    if cfg.block_size and cfg.block_size < cfg.seq_len:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds --block-size {cfg.block_size}")
+        raise UserError(f"--n-embd {cfg.n_embd} is not divisible by --n-head {cfg.n_head}: the "
+                        f"heads split the width")
     if cfg.overwrite and cfg.resume:
-        raise ConfigError("--overwrite deletes the run that --resume would continue: pass one")
+        raise UserError("--overwrite deletes the run that --resume would continue: pass one")
     if cfg.eval_only and not cfg.resume and cfg.init_from == "scratch":
-        raise ConfigError("--eval-only needs a model: pass --resume PATH|auto or --init-from")
+        raise UserError("--eval-only needs a model: pass --resume PATH|auto or --init-from")
     return cfg
 
 
 def micro_steps(cfg: RunConfig, B: int | None, world_size: int) -> int:
     """The one check that the batch sizes fit together: gradient-accumulation steps per optimizer
-    step for micro-batch B (None: not known yet), or a ConfigError that proposes valid values."""
+    step for micro-batch B (None: not known yet), or an error that proposes valid values."""
     per_micro_step = (B or 1) * cfg.seq_len * world_size
     if cfg.total_batch_size % per_micro_step:
         lower = max(1, cfg.total_batch_size // per_micro_step) * per_micro_step
         what = f"batch-size x seq-len x processes = {B} x " if B else "seq-len x processes = "
-        raise ConfigError(f"--total-batch-size {cfg.total_batch_size} is not divisible by {what}"
-                          f"{cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or "
-                          f"{lower + per_micro_step}" + (", or change --batch-size" if B else ""))
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not divisible by {what}"
+                        f"{cfg.seq_len} x {world_size} = {per_micro_step}: use {lower} or "
+                        f"{lower + per_micro_step}" + (", or change --batch-size" if B else ""))
     return cfg.total_batch_size // per_micro_step
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1133,22 +1008,19 @@ class Prepared:
     val: tuple = ((), ())  # the same for the val split
     val_seqs: int = 0  # sequences per validation
     hellaswag: list | None = None  # the HellaSwag examples, when --hellaswag-every is on
-    folder: "RunFolder | None" = None  # the run folder, locked by rank 0; none for --eval-only
+    lock: int | None = None  # rank 0's lock on the run folder, held while the process lives
 
 
-def preflight(cfg: RunConfig, d: Dist) -> Prepared:
-    """Everything that can fail before the model is built (which, compiled, takes a while), in this
-    order: precision and packages, the run folder, the checkpoint, the data, HellaSwag."""
-    prep = Prepared(dtype=autocast_dtype(d.device, cfg.dtype))
+def preflight(cfg: RunConfig, d: Dist, prep: Prepared):
+    """Everything that can fail before the model is built (which, compiled, takes a while)."""
     if cfg.tensorboard:
         need_package("tensorboard", "--tensorboard")
     if cfg.export_hf:  # found out now, not after hours of training
         if os.path.isfile(cfg.export_hf):
-            raise ConfigError(f"--export-hf {cfg.export_hf}: a file, not a folder")
+            raise UserError(f"--export-hf {cfg.export_hf}: a file, not a folder")
         need_package("transformers", "--export-hf")
     if not cfg.eval_only:  # one run, one writer (rank 0); --eval-only writes nothing there
-        prep.folder = RunFolder(cfg.log_dir)
-        on_rank0(d, lambda: prep.folder.prepare(bool(cfg.resume), cfg.overwrite))
+        prep.lock = on_rank0(d, lambda: claim_folder(cfg.log_dir, bool(cfg.resume), cfg.overwrite))
     if cfg.resume:
         prep.ckpt_path, prep.ckpt = find_resume_checkpoint(cfg)
     if prep.ckpt is not None and cfg.eval_only:  # evaluate on the run's own validation tokens
@@ -1162,25 +1034,25 @@ def preflight(cfg: RunConfig, d: Dist) -> Prepared:
     if cfg.val_every:
         prep.val_seqs = plan_validation(cfg, prep.val)
     if cfg.hellaswag_every:
-        try:
-            prep.hellaswag = hellaswag.load_examples(
-                cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None,
-                fix="pass --hellaswag-data FILE with a local copy, or --hellaswag-every 0")
-        except hellaswag.HellaSwagError as e:
-            raise ConfigError(f"--hellaswag-every {cfg.hellaswag_every}: {e}") from None
-    return prep
+        # one download per node: local rank 0 fetches the file while the others wait
+        if d.ddp and d.local_rank != 0:
+            dist.barrier()
+        prep.hellaswag = hellaswag.load_examples(
+            cfg.hellaswag_data or None, split="val", limit=cfg.hellaswag_limit or None,
+            fix="pass --hellaswag-data FILE with a local copy, or --hellaswag-every 0")
+        if d.ddp and d.local_rank == 0:
+            dist.barrier()
 
 
 def need_package(name: str, flag_name: str):
     try:
         __import__(name)
     except ImportError:
-        raise ConfigError(f"{flag_name} needs the {name} package: pip install {name}") from None
+        raise UserError(f"{flag_name} needs the {name} package: pip install {name}") from None
 
 
 def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
-    """(train, val) token arrays with their names, from --input or --data-dir; --eval-only reads no
-    train split."""
+    """(train, val) token arrays with their names, from --input or --data-dir."""
     T, seqs_per_step = cfg.seq_len, cfg.total_batch_size // cfg.seq_len
     if cfg.input:
         train_ids, val_ids = load_text(cfg.input)
@@ -1193,23 +1065,22 @@ def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
         fix = "build more data with `python fineweb.py`, or lower --total-batch-size"
     have = count_sequences(train[0], T)
     if not cfg.eval_only and have < seqs_per_step:
-        raise DataError(f"{describe(train[1])}: the train split has {have} sequences of T={T} "
+        raise UserError(f"{describe(train[1])}: the train split has {have} sequences of T={T} "
                         f"tokens, fewer than the {seqs_per_step} one optimizer step needs; {fix}")
     return train, val
 
 
 def plan_validation(cfg: RunConfig, val) -> int:
-    """Sequences per validation: --val-tokens when given (at most the split), else the whole split
-    up to the preset's number."""
+    """Sequences per validation: --val-tokens (at most the split's), else up to the default's."""
     T = cfg.seq_len
     have = count_sequences(val[0], T)
     wanted = max(1, cfg.val_tokens // T)
     if "val_tokens" in cfg.given and wanted > have:
-        raise ConfigError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has "
-                          f"{have * T:,} tokens in sequences of T={T}; pass at most {have * T}, or "
-                          f"leave --val-tokens out")
+        raise UserError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has "
+                        f"{have * T:,} tokens in sequences of T={T}; pass at most {have * T}, or "
+                        f"leave --val-tokens out")
     if have == 0:
-        raise DataError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower "
+        raise UserError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower "
                         f"--seq-len, or --val-every 0 to train without validation")
     n = min(wanted, have)
     print0(f"validation: {n * T:,} tokens" + (" (the whole val split)" if n == have else ""))
@@ -1225,190 +1096,104 @@ def describe(names) -> str:
 
 
 def read_text(path: str) -> str:
-    """The text of --input, checked: a UTF-8 text file (input.txt, Tiny Shakespeare, is downloaded
-    when it is missing)."""
+    """The text of --input, checked: a UTF-8 text file."""
     if os.path.isdir(path):
-        raise DataError(f"{path}: a folder: pass --input with a text file (or build shards with "
+        raise UserError(f"{path}: a folder: pass --input with a text file (or build shards with "
                         f"`python fineweb.py`)")
     if not os.path.isfile(path):
-        if os.path.basename(path) != "input.txt":
-            raise DataError(f"{path}: no such file: pass --input with a plain text file")
-        try:
-            download(TINY_SHAKESPEARE_URL, path)
-        except OSError as e:
-            raise DataError(f"{path}: missing, and downloading Tiny Shakespeare failed ({e}); "
-                            f"download {TINY_SHAKESPEARE_URL} to {path} by hand, or pass --input with "
-                            f"another text file") from None
+        raise UserError(f"{path}: no such file: pass --input with a plain text file")
     with open(path, "rb") as f:
         raw = f.read()
     if b"\0" in raw:
-        raise DataError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input "
+        raise UserError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input "
                         f"with a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert "
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start:,} is 0x{raw[e.start]:02x}); convert "
                         f"it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or pass another --input"
                         ) from None
 
 
-TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-                        "tinyshakespeare/input.txt")
-
-
-def check_model(cfg: RunConfig, model: GPT, prep: Prepared):
-    """Checks that need the model: --seq-len fits its position table (a pretrained model brings its
-    own), and a checkpoint to resume was made by the same shape of model."""
+def check_seq_len(cfg: RunConfig, model: GPT):
+    """--seq-len must fit the model's position table (a pretrained model brings its own)."""
     if cfg.seq_len > model.config.block_size:
-        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block_size "
-                          f"{model.config.block_size}")
-    if prep.ckpt is not None:
-        diffs = config_differences(prep.ckpt["model_config"], asdict(model.config))
-        if diffs:
-            raise CheckpointError(f"{prep.ckpt_path}: the checkpoint's model differs from this "
-                                  f"run's: " + "; ".join(diffs))
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size "
+                        f"{model.config.block_size}")
 
 
 # ------------------------------------------------------------------------------------------------
-# The run folder, checkpoints and resume
+# Checkpoints and the run folder
 
 CHECKPOINT_FORMAT = "build-gpt2-checkpoint"
-# 2: tensors and plain values only, so torch's restricted unpickler reads it (1 pickled a NumPy array)
-CHECKPOINT_VERSION = 2
-# what the readers take from a checkpoint, and its type ("scaler", "val_loss", "skipped_steps" are
-# optional)
-CHECKPOINT_KEYS = {"step": int, "model": dict, "model_config": dict, "run_config": dict,
-                   "optimizer": dict, "train_loader": dict, "rng": list, "world_size": int}
-CONVERT = "python -c \"import train_gpt2; train_gpt2.convert_checkpoint('{}')\""
+CHECKPOINT_VERSION = 2  # 2: tensors and plain values only, which torch's safe loader reads
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d{6,})\.pt")
 
 
-class CheckpointError(UserError):
-    """A checkpoint or model that cannot be used (truncated, foreign, or for another model)."""
-
-
-class CheckpointFormatError(CheckpointError):
-    """A checkpoint of another format, or one that would run code: --resume auto stops at it
-    rather than going back to an older checkpoint."""
+def one_line(e: BaseException, limit: int = 300) -> str:
+    return " ".join(str(e).split())[:limit] or type(e).__name__
 
 
 def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this script, or raise CheckpointError naming the file. Always
-    onto the CPU: the random states in it must stay CPU tensors (torch.set_rng_state and
-    torch.cuda.set_rng_state take nothing else); load_state_dict copies the rest to the device."""
+    """Load a checkpoint of this script onto the CPU (its random states must stay CPU tensors;
+    load_state_dict copies the rest to the device), or raise UserError naming the file."""
     if not os.path.isfile(path):
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint file"
-        raise CheckpointError(f"{path}: {what}")
+        raise UserError(f"{path}: {what}")
     try:
-        # weights_only: torch's restricted unpickler builds tensors and plain values, never other
-        # objects, so a checkpoint from elsewhere cannot run code while it loads.
-        # mmap: the tensors are read from the file as they are copied to the device, so the ranks
-        # of a node do not each hold a whole checkpoint (25 GB for GPT-2 1558M) in memory
+        # weights_only: torch's restricted unpickler builds tensors and plain values only, so a
+        # checkpoint from elsewhere cannot run code. mmap: the ranks of a node do not each hold a
+        # whole checkpoint in memory (25 GB for GPT-2 1558M)
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = found[1] if found else "not a tensor"
-        raise CheckpointFormatError(f"{path}: holds a Python object ({what}) that loading would "
-                                    f"have to run code to build: refused. If it is a checkpoint of "
-                                    f"train_gpt2.py before format 2 and you trust where it came "
-                                    f"from, convert it: {CONVERT.format(path)}") from None
-    except Exception as e:  # truncated zip, random bytes...
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be "
-                              f"truncated by a crash during saving: use an earlier checkpoint"
-                              ) from None
+    except Exception as e:  # a refused object, a truncated zip, random bytes...
+        if "Weights only load failed" in str(e):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise UserError(f"{path}: holds a Python object ({found[1] if found else 'not a tensor'})"
+                            f" that loading would have to run code to build: refused") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); it may be "
+                        f"truncated: use an earlier checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a train_gpt2.py checkpoint (no {CHECKPOINT_FORMAT!r} "
-                              f"marker)")
+        raise UserError(f"{path}: not a train_gpt2.py checkpoint (no {CHECKPOINT_FORMAT!r} marker)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointFormatError(f"{path}: checkpoint format version {ckpt.get('version')}, "
-                                    f"this script reads {CHECKPOINT_VERSION}")
-    problems = [f"{key} ({kind.__name__})" for key, kind in CHECKPOINT_KEYS.items()
-                if not isinstance(ckpt.get(key), kind)]
-    if not problems:  # one level down: what load_state_dict and set_rng_state read
-        problems = model_problems(ckpt["model_config"], ckpt["model"])
-        problems += [f"{key}[{name!r}]" for key, names in (("optimizer", ("state", "param_groups")),
-                     ("train_loader", ("position",))) for name in names if name not in ckpt[key]]
-        rng_keys = {"python", "numpy", "torch"}
-        if len(ckpt["rng"]) != ckpt["world_size"] or not all(
-                isinstance(r, dict) and rng_keys <= set(r) for r in ckpt["rng"]):
-            problems.append(f"rng (one dict of {', '.join(sorted(rng_keys))} per process)")
-    if problems:
-        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
-        raise CheckpointError(f"{path}: a damaged checkpoint: missing or wrong: "
-                              f"{', '.join(problems[:4])}{more}")
+        raise UserError(f"{path}: checkpoint format version {ckpt.get('version')}, this script reads "
+                        f"{CHECKPOINT_VERSION}")
     return ckpt
 
 
-def model_problems(model_config: dict, weights: dict) -> list[str]:
-    """What keeps a checkpoint's weights from loading into the GPT its model_config describes (the
-    model is built on the meta device: no memory, no time)."""
-    fields = set(GPTConfig.__dataclass_fields__)
-    if set(model_config) - fields:
-        return [f"model_config (unknown {', '.join(sorted(set(model_config) - fields))})"]
+def model_from_checkpoint(ckpt: dict, path: str, dropout: float | None = None) -> GPT:
     try:
-        with torch.device("meta"):
-            expected = GPT(GPTConfig(**model_config)).state_dict()
-    except (TypeError, ValueError) as e:  # a value of the wrong type
-        return [f"model_config ({e})"]
-    problems = [f"model[{name!r}] (a tensor of shape {tuple(t.shape)})" for name, t in expected.items()
-                if not (isinstance(weights.get(name), torch.Tensor) and weights[name].shape == t.shape)]
-    return problems + [f"model[{name!r}] (not in this model)" for name in set(weights) - set(expected)]
-
-
-def convert_checkpoint(path: str):
-    """Rewrite a checkpoint of format 1 (train_gpt2.py before format 2) as format 2, in place. It
-    unpickles the file with Python's full unpickler, which can run code: only for a file you trust."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
-            and ckpt.get("version") == 1):
-        raise CheckpointError(f"{path}: not a format 1 train_gpt2.py checkpoint")
-    for state in ckpt["rng"]:
-        state["numpy"] = plain_numpy_state(state["numpy"])
-    ckpt["run_config"]["given"] = sorted(ckpt["run_config"]["given"])
-    ckpt["version"] = CHECKPOINT_VERSION
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-    read_checkpoint(path)
-    print(f"converted {path} to checkpoint format {CHECKPOINT_VERSION}")
-
-
-def model_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
-    config = GPTConfig(**ckpt["model_config"])
-    model = GPT(config if dropout is None else GPTConfig(**{**asdict(config), "dropout": dropout}))
-    model.load_state_dict(ckpt["model"])
+        config = GPTConfig(**ckpt["model_config"])
+        if dropout is not None:
+            config.dropout = dropout
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: a damaged checkpoint ({one_line(e)})") from None
     return model
 
 
-def load_model(source: str, device="cpu", dropout: float = 0.0) -> GPT:
-    """The one model loader (--init-from, --eval-only, hellaswag.py, the notebook): a train_gpt2.py
-    checkpoint (a .pt file), a GPT-2 name (gpt2, gpt2-medium, ..., from the Hugging Face hub) or a
-    local Hugging Face GPT-2 folder; in eval mode on `device`. A failure is one CheckpointError."""
+def load_model(source: str, device="cpu", dropout: float | None = None) -> GPT:
+    """The one model loader (--init-from, --eval-only, hellaswag.py, the notebook): a checkpoint
+    (.pt), a GPT-2 name (gpt2, ..., from the hub) or a Hugging Face GPT-2 folder; in eval mode."""
     if os.path.isfile(source) or source.endswith(".pt"):
-        model = model_from_checkpoint(read_checkpoint(source), dropout)
+        model = model_from_checkpoint(read_checkpoint(source), source, dropout)
     else:
         try:
-            model = GPT.from_pretrained(source, dropout=dropout)
+            model = GPT.from_pretrained(source, dropout=dropout or 0.0)
         except Exception as e:  # a bad name, an incomplete folder, no network for the hub...
-            reason = " ".join(str(e).split())[:300]  # on one line
-            raise CheckpointError(f"cannot load model {source!r}: {reason}") from None
+            raise UserError(f"cannot load model {source!r}: {one_line(e)}") from None
     return model.to(device).eval()
 
 
 def rng_state(device_type: str) -> dict:
-    """The random states a run draws from: Python's, NumPy's, torch's CPU one and the device's."""
-    state = {"python": random.getstate(), "numpy": plain_numpy_state(np.random.get_state()),
+    """The random states a run draws from: Python's, NumPy's (its key as a list: a checkpoint holds
+    no NumPy objects), torch's CPU one and the device's."""
+    name, key, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, key.tolist(), *rest),
              "torch": torch.get_rng_state()}
     if device_type in ("cuda", "mps"):
         state[device_type] = getattr(torch, device_type).get_rng_state()
     return state
-
-
-def plain_numpy_state(state: tuple) -> tuple:
-    """NumPy's random state with its key as a list of ints, not an array: a checkpoint holds no
-    NumPy objects (np.random.set_state takes it back as it is)."""
-    name, key, *rest = state
-    return (name, [int(k) for k in key], *rest)
 
 
 def set_rng_state(state: dict, device_type: str):
@@ -1423,30 +1208,31 @@ def checkpoint_path(log_dir: str, step: int) -> str:
     return os.path.join(log_dir, f"ckpt_{step:06d}.pt")
 
 
-def checkpoint_steps(log_dir: str) -> list[int]:
-    """Steps of the checkpoints in a folder, oldest first."""
+def checkpoint_steps(log_dir: str) -> list[int]:  # oldest first
     names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
     return sorted(int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m)
 
 
+def latest_checkpoint(log_dir: str) -> str | None:  # complete: atomic_write renames it into place
+    steps = checkpoint_steps(log_dir)
+    return checkpoint_path(log_dir, steps[-1]) if steps else None
+
+
+def last_good(log_dir: str) -> str:
+    path = latest_checkpoint(log_dir)
+    return f"the last good checkpoint is {path}" if path else "no checkpoint was saved"
+
+
 def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
-    """Write ckpt_<step>.pt safely, then point LOG_DIR/latest at it, then prune old checkpoints.
-    A failed write (a full disk) is a CheckpointError; the previous checkpoint and `latest` stay."""
+    """Write ckpt_<step>.pt atomically (a failed write leaves the previous ones), then prune."""
     path = checkpoint_path(log_dir, state["step"])
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-        # "latest" is updated only once the checkpoint it names is complete on disk
-        name = os.path.basename(path).encode() + b"\n"
-        atomic_write(os.path.join(log_dir, "latest"), lambda f: f.write(name))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        previous = [s for s in checkpoint_steps(log_dir) if s != state["step"]]
-        kept = (f"{checkpoint_path(log_dir, previous[-1])} is intact" if previous else
-                "no earlier checkpoint exists")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         free = shutil.disk_usage(log_dir).free / 1e9
-        raise CheckpointError(f"{path}: could not be written ({reason}; {free:.1f} GB free in "
-                              f"{log_dir}); {kept}: free some space, then continue with --resume auto"
-                              ) from None
+        raise UserError(f"{path}: could not be written ({one_line(e, 200)}; {free:.1f} GB free in "
+                        f"{log_dir}); {last_good(log_dir)}: free some space, then continue with "
+                        f"--resume auto") from None
     if keep > 0:  # the newest `keep` up to this one stay; later ones (before a resume) are not ours
         older = [s for s in checkpoint_steps(log_dir) if s < state["step"]]
         for step in older[: max(0, len(older) - (keep - 1))]:
@@ -1454,180 +1240,118 @@ def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
     return path
 
 
-def latest_checkpoint(log_dir: str, before: int | None = None) -> str | None:
-    """The one checkpoint lookup: the newest checkpoint of a run folder, the one LOG_DIR/latest
-    names (updated only after a complete save), else the one of the highest step; with `before`,
-    the newest of an earlier step. None when there is none."""
-    pointer = os.path.join(log_dir, "latest")
-    if os.path.isdir(pointer):
-        raise CheckpointError(f"{pointer}: a folder where a file naming the latest checkpoint "
-                              f"belongs: remove it")
-    steps = [s for s in checkpoint_steps(log_dir) if before is None or s < before]
-    if before is None and os.path.isfile(pointer):
-        with open(pointer, "rb") as f:
-            name = f.read(200).decode("utf-8", "replace").strip()
-        if CHECKPOINT_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
-            return os.path.join(log_dir, name)
-        print0(f"warning: {pointer} names {name!r}, which is not a checkpoint in {log_dir}; using "
-               f"the newest one")
-    return checkpoint_path(log_dir, steps[-1]) if steps else None
-
-
 def find_resume_checkpoint(cfg: RunConfig) -> tuple[str | None, dict | None]:
-    """--resume PATH, or --resume auto: (path, contents) of the latest checkpoint in --log-dir, or
-    of the newest readable one if that one is damaged; (None, None) when there is none yet."""
-    if cfg.resume != "auto":
-        return cfg.resume, read_checkpoint(cfg.resume)
-    path = latest_checkpoint(cfg.log_dir)
-    while path is not None:
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointFormatError:
-            raise
-        except CheckpointError as e:
-            print0(f"warning: {e}; trying an older one")
-            path = latest_checkpoint(cfg.log_dir, before=int(CHECKPOINT_NAME.search(path)[1]))
+    """(path, contents) of --resume PATH, or of --resume auto's newest checkpoint in --log-dir."""
+    path = cfg.resume if cfg.resume != "auto" else latest_checkpoint(cfg.log_dir)
+    if path is not None:
+        return path, read_checkpoint(path)
     if cfg.eval_only:
-        raise CheckpointError(f"--resume auto: no checkpoint in {cfg.log_dir}")
+        raise UserError(f"--resume auto: no checkpoint in {cfg.log_dir}")
     print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
     return None, None
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k)]
-
-
-def resume(prep: Prepared, model: GPT, updater: "Updater", train_loader: DataLoader,
-           cfg: RunConfig, d: Dist) -> tuple[int, float | None]:
-    """Restore a run from its checkpoint: (the step to go on from, the last validation loss)."""
-    ckpt = prep.ckpt
-    model.load_state_dict(ckpt["model"])
-    optimizer = updater.optimizer
-    ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
-    for group, settings in zip(optimizer.param_groups, ours):  # but weight decay, betas, fused...
-        group.update(settings)  # are this run's, not the checkpoint's
-    if updater.scaler is not None and ckpt.get("scaler"):
-        updater.scaler.load_state_dict(ckpt["scaler"])
-    updater.skipped_total = ckpt.get("skipped_steps", 0)
-    saved = ckpt["run_config"]
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-               for k in ("seed", "seq_len", "total_batch_size", "input", "data_dir")
-               if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        print0(f"warning: {', '.join(changed)}: the data order differs from the original run")
-    train_loader.load_state_dict(ckpt["train_loader"])
-    if ckpt["world_size"] == d.world_size:
-        set_rng_state(ckpt["rng"][d.rank], d.device_type)
-    else:
-        print0(f"warning: checkpoint made by {ckpt['world_size']} processes, now {d.world_size}: "
-               f"weights, optimizer, step and data position are kept (a step's data does not depend on "
-               f"the number of processes); per-process random states are not restored")
-    print0(f"resumed from {prep.ckpt_path} at step {ckpt['step']}")
-    step, val_loss = ckpt["step"], ckpt.get("val_loss")
+def resume(prep: Prepared, model: GPT, optimizer, scaler, train_loader: DataLoader, d: Dist):
+    """Restore a run: (the step to go on from, the last val loss, the updates skipped so far)."""
+    ckpt, path = prep.ckpt, prep.ckpt_path
+    ours = asdict(model.config)
+    diffs = [f"{k} {v} (this run: {ours.get(k)})" for k, v in ckpt.get("model_config", {}).items()
+             if k != "dropout" and v != ours.get(k)]
+    if diffs:
+        raise UserError(f"{path}: the checkpoint's model differs from this run's: {', '.join(diffs)}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the state to the parameters' device
+        for group, settings in zip(optimizer.param_groups, ours):  # but weight decay, betas,
+            group.update(settings)  # fused... are this run's, not the checkpoint's
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        train_loader.load_state_dict(ckpt["train_loader"])
+        same_world = ckpt["world_size"] == d.world_size
+        if same_world:
+            set_rng_state(ckpt["rng"][d.rank], d.device_type)
+        step, val_loss, skipped = int(ckpt["step"]), ckpt.get("val_loss"), ckpt.get("skipped_steps", 0)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise UserError(f"{path}: a damaged checkpoint ({one_line(e)})") from None
+    if not same_world:  # the data does not depend on the number of processes; dropout does
+        print0(f"warning: checkpoint of {ckpt['world_size']} processes, now {d.world_size}: the "
+               f"random states are not restored")
+    print0(f"resumed from {path} at step {step}")
     prep.ckpt = None  # the only reference: its memory goes back before training starts
-    return step, val_loss
+    return step, val_loss, skipped
 
 
-def save(step: int, cfg: RunConfig, d: Dist, model: GPT, updater: "Updater",
-         train_loader: DataLoader, val_loss: float | None):
+def save(step: int, cfg: RunConfig, d: Dist, model: GPT, optimizer, scaler, train_loader, val_loss,
+         skipped: int):
     """A checkpoint after `step` updates: every rank's random state is gathered; rank 0 writes."""
+    # a huge learning rate can break the weights with finite gradients: never save those
+    if not torch.isfinite(torch.nn.utils.get_total_norm(list(model.parameters()))):
+        raise UserError(f"step {step}: the weights are not finite (--max-lr {cfg.max_lr} too "
+                        f"high?); {last_good(cfg.log_dir)}")
     rngs = [None] * d.world_size
     if d.ddp:
         dist.all_gather_object(rngs, rng_state(d.device_type))
     else:
         rngs[0] = rng_state(d.device_type)
-    state = None
-    if d.is_main:
-        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-                 "model": model.state_dict(), "optimizer": updater.optimizer.state_dict(),
-                 "scaler": updater.scaler.state_dict() if updater.scaler else None,
-                 "train_loader": train_loader.state_dict(), "rng": rngs,
-                 "model_config": asdict(model.config),
-                 "run_config": {**asdict(cfg), "given": sorted(cfg.given)},
-                 "world_size": d.world_size, "val_loss": val_loss,
-                 "skipped_steps": updater.skipped_total}
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "train_loader": train_loader.state_dict(), "rng": rngs,
+             "model_config": asdict(model.config),
+             "run_config": {**asdict(cfg), "given": sorted(cfg.given)}, "world_size": d.world_size,
+             "val_loss": val_loss, "skipped_steps": skipped}
     t0 = time.perf_counter()
     # rank 0 writes, every rank waits (and raises its error, if any)
     on_rank0(d, lambda: save_checkpoint(cfg.log_dir, state, keep=cfg.keep_checkpoints))
     print0(f"saved {checkpoint_path(cfg.log_dir, step)} ({time.perf_counter() - t0:.2f}s)")
 
 
-def export(model: GPT, cfg: RunConfig, d: Dist):
-    if cfg.export_hf and d.is_main:
-        model.export_hf(cfg.export_hf)
-        print0(f"exported the model in Hugging Face format to {cfg.export_hf}")
+def run_files(path: str) -> list[str]:
+    """Files of a run in a folder: log.txt, checkpoints, TensorBoard events."""
+    return [n for n in sorted(os.listdir(path)) if n == "log.txt" or CHECKPOINT_NAME.fullmatch(n)
+            or n.startswith("events.out.tfevents.")]
 
 
-class RunFolder:
-    """The --log-dir of one run: a writable folder, locked by rank 0 while the run lives.
+def claim_folder(path: str, resuming: bool, overwrite: bool) -> int | None:
+    """--log-dir as a folder locked for this run, holding no other run unless resuming (or
+    overwriting) it. The lock, an flock on LOG_DIR/.lock (holding the pid), dies with its process."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--log-dir {path}: a file, not a folder; pass another --log-dir")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"--log-dir {path}: not writable ({e.strerror}); pass another --log-dir"
+                        ) from None
+    try:
+        import fcntl  # not on Windows: there the folder is not locked
 
-    The lock is an flock on LOG_DIR/.lock, which the kernel drops when the process dies in any way
-    (kill -9 included), so it never outlives its run; the file holds the owner's pid for the error
-    message. Another run's files (log.txt, latest, checkpoints, TensorBoard events) in the folder
-    stop a new run unless it resumes (--resume) or clears them (--overwrite)."""
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"--log-dir {path}: in use by another run (pid {holder}); wait for it to "
+                        f"end, or pass another --log-dir") from None
+    except ImportError:
+        pass
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    if run_files(path) and not resuming and not overwrite:
+        os.close(fd)
+        raise UserError(f"--log-dir {path} holds another run ({describe(run_files(path))}): continue "
+                        f"it with --resume auto, pass another --log-dir, or pass --overwrite to "
+                        f"delete that run first")
+    return fd  # held open (and locked) until the process exits
 
-    def __init__(self, path: str):
-        self.path, self.lock_fd = path, None
 
-    def prepare(self, resuming: bool, overwrite: bool):
-        """Before anything is built: a folder, locked, holding no other run (unless resuming or
-        overwriting it: clear() deletes its files, once everything else has been checked)."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f"--log-dir {self.path}: a file, not a folder; pass another --log-dir")
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: cannot create it ({e.strerror}); pass another "
-                              f"--log-dir") from None
-        self.lock()
-        if self.other_run() and not resuming and not overwrite:
-            raise ConfigError(f"--log-dir {self.path} holds another run ({describe(self.other_run())}): "
-                              f"continue it with --resume auto, pass another --log-dir, or pass "
-                              f"--overwrite to delete that run first")
-
-    def lock(self):
-        """Become the folder's one writer, or raise ConfigError naming the process that is."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; the folder is not locked there
-            return
-        try:
-            fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"--log-dir {self.path}: not writable ({e.strerror}); pass another "
-                              f"--log-dir") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ConfigError(f"--log-dir {self.path}: in use by another run (pid {holder}); wait for "
-                              f"it to end, or pass another --log-dir") from None
-        except OSError as e:  # a file system without locks (some network mounts)
-            print0(f"warning: --log-dir {self.path}: cannot be locked ({e.strerror}); one run at a "
-                   f"time, please")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.lock_fd = fd  # held open (and locked) until the process exits
-
-    def other_run(self) -> list[str]:
-        """Files of a run in the folder: log.txt, latest, checkpoints, TensorBoard events."""
-        return [n for n in sorted(os.listdir(self.path)) if n in ("log.txt", "latest")
-                or CHECKPOINT_NAME.fullmatch(n) or n.startswith("events.out.tfevents.")]
-
-    def clear(self, overwrite: bool):
-        """With --overwrite, delete the other run's files; always, the temporary files of a killed
-        save."""
-        theirs = self.other_run() if overwrite else []
-        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]
-        for n in theirs + stale:
-            os.remove(os.path.join(self.path, n))
-        if theirs:
-            print0(f"--overwrite: deleted the previous run's files in {self.path}")
-
+def clear_folder(path: str, overwrite: bool):
+    """Delete the files of a killed save, and with --overwrite the other run's."""
+    theirs = run_files(path) if overwrite else []
+    stale = [n for n in os.listdir(path) if n.startswith(".") and n.endswith(".tmp")]
+    for n in theirs + stale:
+        os.remove(os.path.join(path, n))
+    if theirs:
+        print0(f"--overwrite: deleted the previous run's files in {path}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1643,48 +1367,32 @@ def print0(*args):
         print(*args, flush=True)
 
 
-def parse_record(line: str):
-    """A log.txt line -> (step, kind, value), or None for a line that is not a record."""
-    m = LOG_RECORD.fullmatch(line.strip())
-    try:
-        return (int(m[1]), m[2], float(m[3])) if m else None
-    except ValueError:
-        return None
-
-
 class RunLog:
-    """The run's records: LOG_DIR/log.txt, one `STEP KIND VALUE` per line, and with --tensorboard
-    the same values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars in LOG_DIR. With
-    log_dir None (the other ranks, --eval-only) it only prints."""
+    """LOG_DIR/log.txt, one `STEP KIND VALUE` per line, and with --tensorboard the same values (and
+    lr, grad norm, tokens/s, MFU) as TensorBoard scalars. Without log_dir it only prints."""
 
     def __init__(self, log_dir: str | None, tensorboard: bool = False):
         self.log_dir, self.tensorboard, self.writer = log_dir, tensorboard, None
         self.path = os.path.join(log_dir, "log.txt") if log_dir else None
 
     def start(self, header_lines, resume_step=None):
-        """A new run writes its header; a resumed one keeps the records before resume_step (the
-        later ones were made by the lost part of the run) and appends its header."""
+        """Write the header; a resumed run keeps the records before resume_step (the later ones
+        came from the lost part of the run)."""
         if self.path is None:
             return
-        kept, dropped = [], 0
+        kept = []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 for line in f:
-                    record = parse_record(line)
-                    if line.startswith("#") or (record and record[0] < resume_step):
+                    record = LOG_RECORD.fullmatch(line.strip())
+                    if line.startswith("#") or (record and int(record[1]) < resume_step):
                         kept.append(line)
-                    elif record is None and line.strip():
-                        dropped += 1
-            if dropped:
-                print0(f"warning: {self.path}: dropped {dropped} line(s) that are not `STEP KIND "
-                       f"VALUE` records")
         text = "".join(kept + [f"# {h}\n" for h in header_lines]).encode()
         atomic_write(self.path, lambda f: f.write(text))
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step: TensorBoard hides the earlier files' points from this step on (the lost
-            # part of an interrupted run), so a resumed run continues the same curves
+            # purge_step: TensorBoard hides the lost part's points, so the curves continue
             self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
 
     def record(self, step: int, kind: str, value: float, line: str | None = None):
@@ -1710,9 +1418,8 @@ class RunLog:
 
 
 def start_log(cfg: RunConfig, d: Dist, prep: Prepared, start_step: int) -> RunLog:
-    """Once everything is checked and built: --overwrite deletes the previous run's files, and
-    log.txt starts with the run header (a resumed run keeps its records before start_step)."""
-    on_rank0(d, lambda: prep.folder.clear(cfg.overwrite))
+    """Once everything is checked and built: --overwrite takes effect, log.txt starts."""
+    on_rank0(d, lambda: clear_folder(cfg.log_dir, cfg.overwrite))
     log = RunLog(cfg.log_dir if d.is_main else None, cfg.tensorboard)
     log.start(run_header(cfg, d), resume_step=start_step if prep.ckpt_path else None)
     return log
@@ -1740,8 +1447,7 @@ def run_header(cfg: RunConfig, d: Dist) -> list[str]:
 
 
 def run_summary(step_times: list, cfg: RunConfig, d: Dist, peak: float | None, flops_per_token):
-    """The run's speed in one line: the median step (leaving out the first, which compiles), MFU
-    and the most memory the GPU allocated."""
+    """The median step (leaving out the first, which compiles), MFU and training's peak memory."""
     times = sorted(step_times[1:] or step_times) or [math.nan]
     tokens_per_sec = cfg.total_batch_size / times[len(times) // 2]
     line = (f"done: {len(step_times)} steps, median {1000 * times[len(times) // 2]:.1f} ms/step, "
@@ -1753,15 +1459,24 @@ def run_summary(step_times: list, cfg: RunConfig, d: Dist, peak: float | None, f
     return line
 
 
+def skip_update(step: int, loss: float, norm: float, bad_in_a_row: int, skipped: int,
+                cfg: RunConfig, log: RunLog):
+    """Log an update skipped for a non-finite loss; MAX_BAD_STEPS of them in a row stop the run."""
+    log.record(step, "skipped", skipped, f"non-finite loss {loss} / grad norm {norm}: update "
+               f"skipped ({bad_in_a_row} in a row, {skipped} in all)")
+    if bad_in_a_row >= MAX_BAD_STEPS:
+        raise UserError(f"{bad_in_a_row} non-finite losses in a row at step {step}: stopping. "
+                        f"{last_good(cfg.log_dir)}; lower --max-lr or raise --warmup-steps, then "
+                        f"--resume auto")
+
+
 # ------------------------------------------------------------------------------------------------
 # Signals and rank-0 work
 
 
 class StopRequest:
-    """SIGTERM or Ctrl-C (SIGINT) asks the run to stop: the loop finishes its step, saves a
-    checkpoint and exits 0. The first signal also gives SIGINT back to Python, so a second Ctrl-C
-    interrupts at once (exit 130); checkpoints are written atomically, so the last complete one
-    stays loadable."""
+    """SIGTERM or Ctrl-C: the loop finishes its step, saves a checkpoint and exits 0. A second
+    Ctrl-C interrupts at once (exit 130); the last complete checkpoint stays loadable."""
 
     def __init__(self):
         self.requested = False
@@ -1777,134 +1492,57 @@ class StopRequest:
 
 
 def on_rank0(d: Dist, work):
-    """work() on rank 0 only; if it fails (a ConfigError, CheckpointError or OSError), every rank
-    raises the error (so that no rank waits forever in a collective for one that has exited)."""
-    error = None
+    """work() on rank 0 only, returning its result there. If it fails, rank 0 raises the error and
+    the others exit 1 quietly: none waits forever for a rank that has exited."""
+    result, error = None, None
     if d.is_main:
         try:
-            work()
-        except (ConfigError, CheckpointError) as e:
+            result = work()
+        except UserError as e:
             error = e
         except OSError as e:
-            error = CheckpointError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
+            error = UserError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
     if d.ddp:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        failed = [error is not None]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0] and not d.is_main:
+            sys.exit(1)
     if error is not None:
         raise error
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
-# Numerics and speed: the guarded update, the micro-batch probe, memory, compile, peak FLOP/s
-
-
-class TrainingError(UserError):
-    """Training cannot go on (non-finite losses or weights); the message names the last good
-    checkpoint."""
-
-
-class Updater:
-    """optimizer.step(), guarded. In fp16 a GradScaler (grad_scaler) scales the loss and skips a
-    step whose gradients overflowed. In any precision a non-finite loss skips the update and is
-    counted: --max-bad-steps of them in a row stop the run, and so does an update that breaks the
-    weights."""
-
-    def __init__(self, optimizer, scaler, model: GPT, cfg: RunConfig):
-        self.optimizer, self.scaler, self.model, self.cfg = optimizer, scaler, model, cfg
-        self.bad_in_a_row = 0  # non-finite losses in a row, up to this step
-        self.skipped_total = 0  # updates skipped for a non-finite loss, in the whole run
-
-    def apply_update(self, step: int, loss: float, norm: float, log: RunLog):
-        finite = math.isfinite(loss)
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            if finite:
-                self.scaler.step(self.optimizer)  # skipped by the scaler if the gradients overflowed
-            self.scaler.update()  # halves the scale after an overflow, doubles it after 2,000 steps
-            updated = finite and math.isfinite(norm)
-            if self.scaler.get_scale() != scale:
-                overflow = "" if updated or not finite else " (gradients overflowed: update skipped)"
-                log.record(step, "scale", self.scaler.get_scale(),
-                           f"loss scale {scale:g} -> {self.scaler.get_scale():g}{overflow}")
-        else:
-            finite = updated = finite and math.isfinite(norm)
-            if updated:
-                self.optimizer.step()
-        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
-        if not finite:  # the update was skipped: the weights are those before the step
-            self.skipped_total += 1
-            log.record(step, "skipped", self.skipped_total, f"non-finite loss {loss} / grad norm "
-                       f"{norm}: update skipped ({self.bad_in_a_row} in a row, {self.skipped_total} "
-                       f"in all)")
-            if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row at step {step}: "
-                                    f"stopping. {self.last_good()}; lower --max-lr or raise "
-                                    f"--warmup-steps, then --resume auto")
-        # a huge learning rate can break the weights with finite gradients: one fused norm of all
-        weights = torch.nn.utils.get_total_norm(list(self.model.parameters()))
-        if updated and not math.isfinite(weights.item()):
-            raise TrainingError(f"step {step}: the update made the weights non-finite or too large "
-                                f"for fp32 (--max-lr {self.cfg.max_lr} too high?); {self.last_good()}")
-
-    def check_last_step(self, step: int):
-        if self.bad_in_a_row:
-            raise TrainingError(f"the last step ({step}) was skipped: its loss was not finite; "
-                                f"{self.last_good()}")
-
-    def last_good(self) -> str:
-        path = latest_checkpoint(self.cfg.log_dir)
-        return f"the last good checkpoint is {path}" if path else "no checkpoint was saved"
-
-
-def dtype_reason(device: torch.device, requested: str) -> str:
-    """Why --dtype auto chose what it did on a CPU, for the device line ("" elsewhere)."""
-    if requested != "auto" or device.type != "cpu":
-        return ""
-    return f" (CPU with {cpu_bf16()})" if cpu_bf16() else " (CPU without bf16 instructions)"
-
-
-def grad_scaler(device_type: str, dtype: torch.dtype):
-    """fp16 has 5 exponent bits: small gradients underflow to 0 and big ones overflow. A GradScaler
-    multiplies the loss by a large scale before backward, unscales the gradients before clipping,
-    skips any step whose gradients overflowed and then halves the scale (it doubles it again after
-    2,000 clean steps). bf16 has fp32's range and fp32 needs nothing: None for those."""
-    return torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
+# Speed: the micro-batch probe, memory, peak FLOP/s, determinism
 
 
 def auto_micro_batch(cfg: RunConfig, model: GPT, d: Dist, autocast) -> int:
-    """--batch-size auto: on CUDA the largest micro-batch that fits in memory (fit_micro_batch),
-    the same on every rank; elsewhere the largest divisor of the sequences per rank up to 8."""
+    """--batch-size auto: on CUDA the largest micro-batch that fits in every rank's memory;
+    elsewhere the largest divisor of the sequences per rank up to 8."""
     per_rank = cfg.total_batch_size // cfg.seq_len // d.world_size
     if d.device_type != "cuda":
         return max(b for b in range(1, min(per_rank, NO_PROBE_MICRO_BATCH) + 1) if per_rank % b == 0)
     # held aside: AdamW's two fp32 moments, DDP's gradient buckets, 512 MB for NCCL and the compiler
-    n_params = sum(p.numel() for p in model.parameters())
-    reserve = (12 if d.ddp else 8) * n_params + (512 << 20)
-    error = None
-    try:
-        B, too_big = fit_micro_batch(model, per_rank, cfg.seq_len, d.device, autocast, reserve)
-    except ConfigError as e:  # not even one sequence fits: the other ranks must learn it too
-        B, too_big, error = 0, [], e
+    reserve = (12 if d.ddp else 8) * model.num_params() + (512 << 20)
+    B, too_big = fit_micro_batch(model, per_rank, cfg.seq_len, d.device, autocast, reserve)
     if d.ddp:  # every rank must use the same B: the smallest that fits everywhere
         agreed = torch.tensor(B, device=d.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         B = int(agreed)
     if B == 0:
-        raise error or ConfigError(f"--batch-size auto: not even one sequence of --seq-len "
-                                   f"{cfg.seq_len} fits in another rank's GPU memory")
+        raise UserError(f"--batch-size auto: not even one sequence of --seq-len {cfg.seq_len} fits "
+                        f"in GPU memory; lower --seq-len or train a smaller model")
+    torch.cuda.reset_peak_memory_stats(d.device)  # done: reports training's peak, not the probe's
     tried = f" (out of memory at {', '.join(map(str, too_big))})" if too_big else ""
     print0(f"--batch-size auto: micro-batch {B}{tried}")
     return B
 
 
 def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int):
-    """--batch-size auto on CUDA: (the largest micro-batch that divides per_rank_seqs and trains in
-    the GPU's memory, the sizes that did not fit). Tries a forward and backward pass at (B, T) with
-    reserve_bytes (the optimizer's state, not yet allocated) held aside, and halves B on
-    torch.OutOfMemoryError. The passes run uncompiled (which needs more memory than compiled), on
-    zeros, under a forked random state: no weight, data or random number of the run changes, so it
-    trains exactly as with --batch-size B."""
+    """(the largest micro-batch dividing per_rank_seqs that trains in memory, or 0; the sizes that
+    did not). Tries a forward and backward pass with reserve_bytes held aside (the optimizer's
+    state), uncompiled (more memory than compiled), on zeros, under a forked random state, so the
+    run is as with --batch-size B; halves B on an out-of-memory error."""
 
     def fits(B):
         try:
@@ -1923,60 +1561,20 @@ def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve
             return False
         finally:
             model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # give back what a failed try reserved
 
     B, too_big = per_rank_seqs, []
-    while not fits(B):
-        torch.cuda.empty_cache()  # give back what the failed try reserved
+    while B and not fits(B):
         too_big.append(B)
-        smaller = [b for b in range(B // 2, 0, -1) if per_rank_seqs % b == 0]
-        if not smaller:
-            raise ConfigError(f"--batch-size auto: not even one sequence of --seq-len {T} fits in "
-                              f"GPU memory; lower --seq-len or train a smaller model")
-        B = smaller[0]
-    torch.cuda.empty_cache()
+        B = max((b for b in range(1, B // 2 + 1) if per_rank_seqs % b == 0), default=0)
     return B, too_big
 
 
-class CrossEntropy(torch.autograd.Function):
-    """Memory: F.cross_entropy's value and gradient for logits (N, V) and targets (N,) (-1 ignored),
-    with a backward that allocates nothing.
-
-    With V = 50k classes the logits are the largest tensors of a step. F.cross_entropy's backward
-    allocates and writes two new (N, V) tensors (a zeroed gradient for the NLL, then the
-    log-softmax's); here the gradient, (softmax - onehot(target)) / N, is written in place over
-    the saved fp32 log-probabilities, which are ours alone and not needed again. That is one
-    (N, V) fp32 tensor less at the peak: 978 vs 1,161 MB resident for the shakespeare preset's
-    step, 13 GB at GPT-2 124M's B=64, T=1024; the step time is the same (1.00x, 2-core CPU). Eager
-    mode only (CPU, MPS, --no-compile): compiled, GPT.forward uses F.cross_entropy, which the
-    compiler fuses."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # fp32 even under autocast
-        ctx.save_for_backward(logp, targets)
-        ctx.logits_dtype = logits.dtype
-        return F.nll_loss(logp, targets, ignore_index=-1)  # F.cross_entropy's value, to the bit
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        logp, targets = ctx.saved_tensors  # a second backward raises: logp is overwritten below
-        valid = targets != -1
-        grad = logp.exp_()  # softmax, in place
-        grad[torch.arange(len(targets), device=grad.device), targets.clamp(min=0)] -= 1
-        scale = grad_loss / valid.sum().clamp(min=1)  # the loss is a mean over the valid targets
-        grad.mul_(scale * valid.unsqueeze(1))  # ignored rows get 0
-        return grad.to(ctx.logits_dtype), None
-
-
 def keep_freed_memory():
-    """Speed, on Linux (glibc) CPUs: keep freed memory in the process instead of giving it back.
-
-    glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on free, and the
-    kernel then zeroes each 4 KB page on first touch. A CPU training step allocates and frees its
-    (tokens x 50304) logits and their gradient several times, so without this about a third of the
-    step is spent in page faults (shakespeare preset on a 2-core CPU: 2,200 -> 3,050 tokens/s).
-    Memory that is freed stays with the process. No effect where mallopt is missing."""
+    """Speed on Linux CPUs: glibc maps each allocation above 32 MB afresh and unmaps it on free, and
+    the kernel zeroes every new page, so a third of a CPU step went to page faults on the logits
+    (README: speed). This keeps freed memory in the process. No effect without glibc."""
     import ctypes
 
     try:
@@ -2021,40 +1619,10 @@ def peak_flops(device_name: str) -> float | None:
     return table.get(f"{model} {form}") or table.get(model)
 
 
-def compile_default(device_type: str, capability: tuple[int, int] | None = None):
-    """(whether to torch.compile when --compile is not given, why not on a GPU): on for CUDA GPUs
-    of compute capability 7.0 and up, the oldest that the compiler's GPU backend (Triton) supports;
-    a GTX 10xx, P100 or P40 (6.x) would fail at the first step, so it runs eager."""
-    if device_type != "cuda":
-        return False, ""
-    if capability < (7, 0):
-        major, minor = capability
-        return False, f" (Triton needs compute capability 7.0, this GPU has {major}.{minor})"
-    return True, ""
-
-
-def compile_choice(cfg: RunConfig, d: Dist) -> tuple[bool, str]:
-    if cfg.compile is not None:
-        return cfg.compile, ""
-    capability = torch.cuda.get_device_capability(d.device) if d.device_type == "cuda" else None
-    return compile_default(d.device_type, capability)
-
-
-# DDP's option to broadcast buffers before each forward pass (torch 2.13 renamed it)
-DDP_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else "broadcast_buffers")
-
-
 def make_deterministic():
-    """--deterministic (the default on CPU): the same command gives the same losses to the bit.
-
-    CPU: torch's matmuls run in MKL, whose dynamic threading may use fewer threads when the
-    machine is busy, which changes the order of the sums (busy 2-core machines: losses of one
-    command differed by up to 3e-5). torch.set_num_threads switches that off (at::set_num_threads
-    calls mkl_set_dynamic(false)); that cost nothing measurable (shakespeare preset, 2-core AMD
-    EPYC, 3 runs each in turn: median 1,958 vs 1,969 tokens/s). CUDA: cuBLAS's workspaces and
-    kernels with atomic adds reorder sums too; torch then takes deterministic kernels where it has
-    them, and warns where not."""
+    """The same command, the same losses to the bit. CPU: MKL's dynamic threading uses fewer threads
+    on a busy machine, which reorders sums; set_num_threads turns it off. CUDA: deterministic
+    kernels where torch has them (a warning where not)."""
     torch.set_num_threads(torch.get_num_threads())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -2066,53 +1634,47 @@ def make_deterministic():
 
 
 def evaluate_only(cfg: RunConfig, d: Dist, prep: Prepared):
-    """--eval-only: the validation loss, HellaSwag and samples of a checkpoint (--resume) or a
-    pretrained model (--init-from), then --export-hf; nothing is written to --log-dir."""
+    """--eval-only: evaluate a checkpoint (--resume) or a pretrained model (--init-from), then
+    --export-hf; nothing is written to --log-dir."""
     if prep.ckpt is not None:
-        model, step = model_from_checkpoint(prep.ckpt), prep.ckpt["step"]
+        model, step = model_from_checkpoint(prep.ckpt, prep.ckpt_path), prep.ckpt["step"]
         print0(f"loaded {prep.ckpt_path} (step {step})")
     else:
         model, step = load_model(cfg.init_from), 0
-    check_model(cfg, model, prep)
+    check_seq_len(cfg, model)
     model.to(d.device).eval()
-    autocast = autocast_context(d.device_type, prep.dtype)
-    log = RunLog(None)  # prints only
-    if cfg.val_every:
-        B = NO_PROBE_MICRO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
-        loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size,
-                            shuffle=False)
-        val_loss = validation_loss(model, loader, prep.val_seqs, d.device, autocast)
-        log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
-    if cfg.hellaswag_every:
-        result = hellaswag.evaluate(model, prep.hellaswag, device=d.device, autocast=autocast,
-                                    rank=d.rank, world_size=d.world_size)
-        log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
-    for i, text in enumerate(sample_text(model, cfg.prompt, cfg.num_samples, cfg.sample_tokens,
-                                         d.device, autocast, seed=cfg.seed + 1000 * d.rank + step)):
-        print(f"rank {d.rank} sample {i}: {text!r}", flush=True)
-    export(model, cfg, d)
+    B = NO_PROBE_MICRO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
+    loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                        shuffle=False)
+    kinds = ["val"] * bool(cfg.val_every) + ["hella"] * bool(cfg.hellaswag_every) + ["sample"]
+    evaluate(step, kinds, model, model, loader, cfg, d, prep,
+             autocast_context(d.device_type, prep.dtype), RunLog(None))
+    if cfg.export_hf and d.is_main:
+        model.export_hf(cfg.export_hf)
+        print0(f"exported the model in Hugging Face format to {cfg.export_hf}")
 
 
 def main(argv=None):
-    d = None
+    d = prep = None
     try:
         cfg = parse_args(argv)
-        d = setup_distributed(cfg.device)
+        d = setup_distributed(cfg.device, cfg.dist_timeout)
         if cfg.deterministic or (cfg.deterministic is None and d.device_type == "cpu"):
             make_deterministic()  # before the first matmul (cuBLAS reads its setting then)
         if d.device_type == "cpu":
             keep_freed_memory()
-        prep = preflight(cfg, d)
+        prep = Prepared(dtype=autocast_dtype(d.device, cfg.dtype))
+        preflight(cfg, d, prep)
         (evaluate_only if cfg.eval_only else train)(cfg, d, prep)
     except UserError as e:
-        # an error every rank shares (on_rank0) is printed once
-        if d is None or d.is_main or not isinstance(e, (ConfigError, CheckpointError)):
-            print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+        print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1 if d is not None else 2)
     except KeyboardInterrupt:
         print("train_gpt2.py: interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        if prep is not None and prep.lock is not None:
+            os.close(prep.lock)  # the run folder's lock
         cleanup_distributed()
 
 

@@ -9,7 +9,7 @@ sys.path.insert(0, ROOT)
 
 from bench.data import DataError, data_file  # noqa: E402  (after ROOT is on the path)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # as every rank of a test under torchrun (OMP_NUM_THREADS=1): the same sums
 
 
 def pytest_configure(config):

