@@ -6,7 +6,6 @@ processes and precision, then train() with the loop. Part 2 is what running it f
 command line, pre-flight checks, checkpoints and the run folder, the log, signals, speed, main().
 
     python train_gpt2.py --preset shakespeare              # CPU or Mac: Tiny Shakespeare, minutes
-    python train_gpt2.py --input my.txt                    # your own text, the same small settings
     python train_gpt2.py                                   # one GPU: GPT-2 124M on FineWeb-Edu
     torchrun --standalone --nproc_per_node=8 train_gpt2.py                # eight GPUs: 10B tokens
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --preset gpt2-350m   # the miniseries
@@ -20,6 +19,8 @@ Every flag: python train_gpt2.py --help; the README is the manual. A run writes 
 `STEP KIND VALUE` record per line), checkpoints and TensorBoard curves into --log-dir.
 """
 import argparse
+import datetime
+import importlib.util
 import math
 import os
 import random
@@ -60,10 +61,9 @@ class GPTConfig:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # width of the residual stream (channels)
-    # GPT-2 used dropout 0.1; one epoch of pretraining data needs none, small data may
-    dropout: float = 0.0
-    # the embedding / lm_head table has vocab_size rows rounded up to a multiple of this: 50257 ->
-    # 50304 = 393 * 128, a shape the matmul kernels like; the extra rows are never used
+    dropout: float = 0.0  # GPT-2 used 0.1; one epoch of pretraining data needs none, small data may
+    # the embedding table's rows: vocab_size rounded up, 50257 -> 50304 = 393 * 128, a shape the
+    # matmul kernels like; the extra rows are never used
     vocab_multiple: int = 128
 
     @property
@@ -103,9 +103,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
-        if kv_cache is not None:  # generation: attend to the keys and values of earlier tokens too
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-            assert T == 1 or k.size(2) == T, "after a cached prefix, one new token at a time"
+        if kv_cache is not None:  # generation: a list of each layer's keys and values so far
+            if kv_cache[self.layer_idx] is not None:  # earlier tokens' come first: (B, nh, past + T, hs)
+                k, v = (torch.cat(pair, dim=2) for pair in zip(kv_cache[self.layer_idx], (k, v)))
+                assert T == 1, "after a cached prefix, one new token at a time"
+            kv_cache[self.layer_idx] = (k, v)
         # flash attention on a GPU: the (T, T) matrix is never stored. Causal: token t sees
         # tokens 0..t (a single new token of generation sees everything cached)
         p = self.dropout if self.training else 0.0
@@ -174,7 +176,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx, kv_cache=None):
         """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T), after any cached tokens."""
         B, T = idx.size()
-        past = kv_cache.length if kv_cache is not None else 0
+        past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] is not None else 0
         if past + T > self.config.block_size:
             bs = self.config.block_size
             raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size "
@@ -185,12 +187,10 @@ class GPT(nn.Module):
             x = block(x, kv_cache=kv_cache)
         return self.transformer.ln_f(x)
 
-    def padded_logits(self, x):
-        """Hidden states (..., C) -> logits (..., padded_vocab_size), -inf on the padded rows."""
+    def padded_logits(self, x):  # hidden states (..., C) -> (..., padded V), -inf on the padding
         return F.linear(x, self.lm_head.weight, self.vocab_bias)
 
-    def logits(self, x):
-        """Hidden states (..., C) -> logits over the real vocabulary (..., vocab_size)."""
+    def logits(self, x):  # hidden states (..., C) -> logits over the real vocabulary (..., V)
         return self.padded_logits(x)[..., : self.config.vocab_size]
 
     def forward(self, idx, targets=None, kv_cache=None, return_logits=True):
@@ -203,8 +203,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return (logits[..., : self.config.vocab_size] if return_logits else None), loss
 
-    def num_params(self, include_position_embeddings: bool = True) -> int:
-        """Parameters (the tied embedding/lm_head table counted once, padded rows included)."""
+    def num_params(self, include_position_embeddings: bool = True) -> int:  # tied table once
         n = sum(p.numel() for p in self.parameters())
         return n if include_position_embeddings else n - self.transformer.wpe.weight.numel()
 
@@ -228,15 +227,14 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
-        temperature 0 is greedy; top_k keeps the k most likely tokens; `generator` makes sampling
-        reproducible. Each new token costs one token's forward pass (the KV cache keeps the keys and
-        values of earlier ones); once the context is full, it is cropped to the last block_size
-        tokens, which shifts every position, so the cache is rebuilt."""
+        """Continue idx (B, T) by max_new_tokens tokens. temperature 0 is greedy; top_k keeps the k
+        most likely tokens; `generator` makes sampling reproducible. A new token costs one token's
+        forward pass (the KV cache keeps the earlier keys and values); once the context is full it
+        is cropped to the last block_size tokens, which shifts every position: the cache restarts."""
         block_size, cache = self.config.block_size, None
         for _ in range(max_new_tokens):
-            if cache is None or cache.length >= block_size:
-                cache = KVCache(self.config.n_layer)
+            if cache is None or cache[0][0].size(2) >= block_size:
+                cache = [None] * self.config.n_layer
                 logits, _ = self(idx[:, -block_size:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
@@ -260,10 +258,12 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, from the Hugging Face hub) or a
         local folder in Hugging Face GPT-2 format, read by transformers. dropout: for fine-tuning."""
         from transformers import GPT2LMHeadModel
-
         hub = f"openai-community/{name_or_dir}" if name_or_dir in HF_MODEL_NAMES else name_or_dir
-        hf = GPT2LMHeadModel.from_pretrained(hub)
-        c = hf.config
+        return cls.from_hf(GPT2LMHeadModel.from_pretrained(hub), dropout)
+
+    @classmethod
+    def from_hf(cls, hf, dropout: float = 0.0) -> "GPT":
+        c = hf.config  # a transformers.GPT2LMHeadModel
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                               n_head=c.n_head, n_embd=c.n_embd, dropout=dropout))
         theirs = hf.state_dict()
@@ -288,7 +288,6 @@ class GPT(nn.Module):
         """Write a folder that transformers.GPT2LMHeadModel.from_pretrained(out_dir) loads with
         the same logits as this model, with the GPT-2 tokenizer beside it."""
         from transformers import GPT2Config, GPT2LMHeadModel
-
         c = self.config
         hf = GPT2LMHeadModel(GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -305,25 +304,6 @@ class GPT(nn.Module):
         return out_dir
 
 
-class KVCache:
-    """For generate(): the keys and values of the tokens seen so far, one (k, v) pair per layer."""
-
-    def __init__(self, n_layer: int):
-        self.layers = [None] * n_layer
-
-    @property
-    def length(self) -> int:
-        return 0 if self.layers[0] is None else self.layers[0][0].size(2)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append this step's keys/values (B, nh, T, hs) and return all of them so far."""
-        if self.layers[layer] is not None:
-            past_k, past_v = self.layers[layer]
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
-
-
 # ------------------------------------------------------------------------------------------------
 # The data loader
 
@@ -334,8 +314,7 @@ def find_shards(data_dir: str, split: str) -> list[str]:
            "shakespeare` / `--input FILE`")
     if not os.path.isdir(data_dir):
         raise UserError(f"{data_dir}: no such data directory: {fix}")
-    matches = [m for m in map(SHARD_RE.fullmatch, os.listdir(data_dir))
-               if m and m["split"] == split]
+    matches = [m for m in map(SHARD_RE.fullmatch, os.listdir(data_dir)) if m and m["split"] == split]
     found = sorted((int(m["index"]), m[0]) for m in matches)
     if not found:
         raise UserError(f"{data_dir}: no {split} shards (*_{split}_NNNNNN.npy): {fix}")
@@ -422,26 +401,18 @@ class DataLoader:
             j = int(self._perms[a][j])
         return a, j * self.T
 
-    def tokens(self, seq_numbers) -> np.ndarray:
-        """Sequences by global number -> uint16 array (len, T + 1), every id checked (a max() over
-        the batch costs far less than gathering it)."""
-        rows = []
-        for g in seq_numbers:
-            a, start = self.locate(int(g))
-            rows.append(self.arrays[a][start : start + self.T + 1])  # uint16 view of the memory map
-        tokens = np.stack(rows)
+    def batch(self, seq_numbers, device=None):
+        """Sequences by global number -> (x, y) int64 tensors (len, T) on `device`, contiguous (a
+        compiled model sees one memory layout). Every id is checked: a max() costs little."""
+        seq_numbers = list(seq_numbers)
+        tokens = np.stack([self.arrays[a][start : start + self.T + 1]  # views of the memory map
+                           for a, start in map(self.locate, seq_numbers)])
         if tokens.max(initial=0) >= GPT2_VOCAB_SIZE:
             r, c = np.argwhere(tokens >= GPT2_VOCAB_SIZE)[0]
-            a, start = self.locate(int(seq_numbers[r]))
+            a, start = self.locate(seq_numbers[r])
             raise UserError(f"{self.names[a]}: token id {tokens[r, c]} at position {start + c:,} "
                             f"is not a GPT-2 token (ids must be < {GPT2_VOCAB_SIZE}): rebuild the "
                             f"shard with `python fineweb.py`")
-        return tokens
-
-    def batch(self, seq_numbers, device=None):
-        """Sequences by global number -> (x, y) int64 tensors of shape (len, T), on `device`. Both
-        are contiguous: a compiled model sees one memory layout in training and in validation."""
-        tokens = self.tokens(seq_numbers)
         xy = np.stack([tokens[:, :-1], tokens[:, 1:]])  # (2, len, T)
         xy = torch.from_numpy(xy.astype(np.int64))  # only this batch becomes int64
         if device is not None and device.type == "cuda":
@@ -514,21 +485,6 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) 
     return (total[0] / total[1]).item()
 
 
-@torch.no_grad()
-def sample_text(model, prompt, num_samples, max_new_tokens, device, autocast, seed, top_k=50):
-    """Samples continuing `prompt` (an empty one starts from <|endoftext|>)."""
-    enc = gpt2_tokenizer()
-    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    with autocast:
-        out = model.generate(idx, max_new_tokens, temperature=1.0, top_k=top_k, generator=generator)
-    model.train(was_training)
-    return [enc.decode(row) for row in out.tolist()]
-
-
 def evaluate(step, kinds, model, raw_model, val_loader, cfg, d, prep, autocast, log):
     """The evaluations of `kinds` ("val", "hella", "sample") at `step`, logged; returns the val loss
     (or None). HellaSwag and sampling change shapes with every batch, which a compiled model would
@@ -544,11 +500,16 @@ def evaluate(step, kinds, model, raw_model, val_loader, cfg, d, prep, autocast, 
                                     batch_size=max(1, val_loader.B // 4), autocast=autocast,
                                     rank=d.rank, world_size=d.world_size)
         log.record(step, "hella", result["acc_norm"], hellaswag.summary(result))
-    if "sample" in kinds:
-        for i, text in enumerate(sample_text(raw_model, cfg.prompt, cfg.num_samples,
-                                             cfg.sample_tokens, d.device, autocast,
-                                             seed=cfg.seed + 1000 * d.rank + step)):
-            print(f"rank {d.rank} sample {i}: {text!r}", flush=True)  # every rank its own
+    if "sample" in kinds:  # each rank its own samples; an empty prompt starts from <|endoftext|>
+        enc, was_training = gpt2_tokenizer(), raw_model.training
+        ids = enc.encode(cfg.prompt, allowed_special={"<|endoftext|>"}) or [EOT]
+        generator = torch.Generator(d.device).manual_seed(cfg.seed + 1000 * d.rank + step)
+        with torch.no_grad(), autocast:
+            out = raw_model.eval().generate(torch.tensor([ids] * cfg.num_samples, device=d.device),
+                                            cfg.sample_tokens, top_k=50, generator=generator)
+        raw_model.train(was_training)
+        for i, row in enumerate(out.tolist()):
+            print(f"rank {d.rank} sample {i}: {enc.decode(row)!r}", flush=True)
     return val_loss
 
 
@@ -571,33 +532,26 @@ def setup_distributed(device_arg: str = "auto", timeout_minutes: float = 10) -> 
     """The one setup of processes and devices (training, hellaswag.py): detect torchrun (RANK,
     LOCAL_RANK, WORLD_SIZE in the environment), pick the device, and join the process group: NCCL on
     CUDA, gloo on CPU. A collective that waits longer than timeout_minutes fails the run."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if device_arg == "auto":
-        mps = torch.backends.mps.is_available()
-        device_arg = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        device_arg = next(kind for kind, here in available.items() if here)
     try:
         device = torch.device(device_arg)
     except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        device = torch.device("meta")
+    if device.type not in available:
         raise UserError(f"--device {device_arg}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device_arg}: no CUDA device is visible; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu")
-    rank, local_rank, world_size = 0, 0, 1
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not available[device.type]:
+        raise UserError(f"--device {device_arg}: not available on this machine; use --device cpu")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # torchrun sets all three
     if device.type == "cuda":  # under torchrun, each process takes the GPU of its local rank
         index = local_rank if world_size > 1 or device.index is None else device.index
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     if world_size > 1:
         if device.type == "mps":
-            raise UserError("torchrun with --device mps is not supported: use --device cpu, or one "
-                            "process")
-        import datetime
-
+            raise UserError("torchrun with --device mps is not supported: use --device cpu, or one process")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return Dist(rank, local_rank, world_size, device, device.type, world_size > 1, rank == 0)
@@ -635,11 +589,8 @@ def autocast_dtype(device: torch.device, requested: str = "auto") -> torch.dtype
     return DTYPES[requested]
 
 
-def autocast_context(device_type: str, dtype: torch.dtype):
-    """The one autocast context, built once, entered around every forward pass (none for fp32)."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
+def autocast_context(device_type: str, dtype: torch.dtype):  # around every forward pass
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def synchronize(device: torch.device):
@@ -690,16 +641,13 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     else:  # fine-tuning: OpenAI's GPT-2 (from the hub) or a Hugging Face GPT-2 folder
         raw_model = load_model(cfg.init_from, dropout=cfg.dropout).train()
     check_seq_len(cfg, raw_model)
-    # raw_model stays the plain module: we save, sample and run HellaSwag with it. `model`, made
-    # under "compile and DDP" below, holds the same weights, compiled and wrapped for training
-    raw_model.to(d.device)
+    raw_model.to(d.device)  # saved, sampled; `model` (below) is the same weights compiled, wrapped
     # TF32: the fp32 matmuls left outside autocast run on tensor cores (with a 10-bit mantissa)
     tf32 = d.device_type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     autocast = autocast_context(d.device_type, prep.dtype)  # around every forward pass
     flops_per_token = raw_model.flops_per_token(T)
-    print0(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP per "
-           f"token (6N + 12LCT)")
+    print0(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
 
     # --- the micro-batch -------------------------------------------------------------------
     # A step sees total_batch_size tokens = B x T x processes x grad_accum_steps: B sequences are
@@ -714,15 +662,12 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     shape = dict(B=B, T=T, grad_accum_steps=grad_accum_steps, rank=d.rank, world_size=d.world_size)
     train_loader = DataLoader(*prep.train, **shape, seed=cfg.seed, shuffle=True)
     val_loader = DataLoader(*prep.val, **shape, shuffle=False)  # the same sequences every time
-    epoch = train_loader.seqs_per_epoch
-    print0(f"data: {epoch:,} training sequences per epoch "
-           f"({epoch / train_loader.seqs_per_step:.1f} steps)")
+    print0(f"data: {train_loader.seqs_per_epoch:,} training sequences per epoch")
 
     # --- the optimizer and the loss scaler --------------------------------------------------
     optimizer = raw_model.configure_optimizer(cfg.weight_decay, cfg.max_lr, d.device_type)
-    # fp16 has 5 exponent bits: small gradients underflow to 0. The GradScaler multiplies the loss
-    # by a large scale before backward, unscales the gradients before clipping, skips a step whose
-    # gradients overflowed and lowers the scale. bf16 has fp32's range: there it does nothing.
+    # fp16 has 5 exponent bits: small gradients underflow. The scaler multiplies the loss by a large
+    # scale, skips a step whose gradients overflowed and lowers the scale; elsewhere it does nothing
     scaler = torch.amp.GradScaler(d.device_type, enabled=prep.dtype == torch.float16)
 
     # --- resume ----------------------------------------------------------------------------
@@ -750,9 +695,9 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
            f"{' with loss scaling' if scaler.is_enabled() else ''}, compile: {use_compile}, "
            f"deterministic: {torch.are_deterministic_algorithms_enabled()}")
     log = start_log(cfg, d, prep, start_step)  # log.txt from here on; --overwrite takes effect
-    peak = None  # the bf16 (fp16) peak: no MFU for fp32
-    if d.device_type == "cuda" and prep.dtype != torch.float32:
-        peak = peak_flops(torch.cuda.get_device_name(d.device))
+    # MFU against the GPU's bf16 (fp16) peak: none for fp32
+    peak = d.device_type == "cuda" and prep.dtype != torch.float32 and peak_flops(
+        torch.cuda.get_device_name(d.device))
     stop = StopRequest()  # SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit
     bad_in_a_row, step_times = 0, []
 
@@ -802,7 +747,12 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
                 bad_in_a_row = 0
             else:  # a non-finite loss: no update, the step is counted; too many in a row stop
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                skip_update(step, loss, norm, bad_in_a_row, skipped, cfg, log)
+                log.record(step, "skipped", skipped, f"non-finite loss {loss} / grad norm {norm}: "
+                           f"update skipped ({bad_in_a_row} in a row, {skipped} in all)")
+                if bad_in_a_row == MAX_BAD_STEPS:
+                    raise UserError(f"{bad_in_a_row} non-finite losses in a row at step {step}: "
+                                    f"stopping. {last_good(cfg.log_dir)}; lower --max-lr or raise "
+                                    f"--warmup-steps, then --resume auto")
             scaler.update()  # fp16: halve the scale after an overflow, double it after 2,000 steps
             synchronize(d.device)  # the clock measures finished work, not queued kernels
             dt = time.perf_counter() - t0
@@ -846,24 +796,15 @@ PRESETS = {
     # The rest of the GPT-2 miniseries: OpenAI's shapes for GPT-2 medium, large and xl, trained with
     # the recipes llm.c published (scripts/run_gpt2_350M.sh, run_gpt2_774M.sh, run_gpt2_1558M.sh):
     # the same AdamW (weight decay 0.1, grad clip 1.0), 700 warmup steps, cosine decay, T = 1024.
-    "gpt2-350m": dict(
-        n_layer=24, n_head=16, n_embd=1024,  # GPT-2 medium
-        max_lr=3e-4, min_lr_ratio=0.0, warmup_steps=700,  # llm.c: -l 0.0003 -q 0.0 -u 700
-        total_batch_size=524288, max_steps=60000,  # -d 524288 -x 60000: 31.5B tokens
-        data_dir="fineweb100B", checkpoint_every=2000,  # FineWeb (not -Edu) 100B tokens; -n 2000
-    ),
-    "gpt2-774m": dict(
-        n_layer=36, n_head=20, n_embd=1280,  # GPT-2 large
-        max_lr=2.5e-4, min_lr_ratio=0.0, warmup_steps=700,  # -l 0.00025 -q 0.0 -u 700
-        total_batch_size=524288, max_steps=286102,  # -d 524288 -x 286102: 150B tokens, 1.5 epochs
-        data_dir="fineweb100B", checkpoint_every=4000,  # FineWeb 100B; -n 4000
-    ),
-    "gpt2-1558m": dict(
-        n_layer=48, n_head=25, n_embd=1600,  # GPT-2 xl
-        max_lr=6e-4, min_lr_ratio=0.1, warmup_steps=700,  # -l 0.0006 -q 0.1 -u 700
-        total_batch_size=1048576, max_steps=32000,  # -d 1048576 -x 32000: 33.6B tokens
-        data_dir="edu_fineweb100B", checkpoint_every=2000,  # FineWeb-Edu 100B; -n 2000
-    ),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, min_lr_ratio=0.0,  # GPT-2 medium
+                      warmup_steps=700, total_batch_size=524288, max_steps=60000,  # 31.5B tokens
+                      data_dir="fineweb100B", checkpoint_every=2000),  # FineWeb (not -Edu) 100B
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, min_lr_ratio=0.0,  # large
+                      warmup_steps=700, total_batch_size=524288, max_steps=286102,  # 150B: 1.5 epochs
+                      data_dir="fineweb100B", checkpoint_every=4000),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=6e-4, min_lr_ratio=0.1,  # GPT-2 xl
+                       warmup_steps=700, total_batch_size=1048576, max_steps=32000,  # 33.6B tokens
+                       data_dir="edu_fineweb100B", checkpoint_every=2000),  # FineWeb-Edu 100B
     # Tiny Shakespeare (or any --input text) on a laptop CPU: a model that learns in minutes (how
     # it was tuned: bench/README.md)
     "shakespeare": dict(
@@ -887,40 +828,34 @@ NATURAL, POSITIVE, NONNEGATIVE = number(int, 0), number(int, 1), number(float, 0
 
 
 @dataclass
-class RunConfig:
-    preset: str = flag("gpt2-124m", "settings to start from; flags override them (--input alone "
-                       "starts from shakespeare)", choices=tuple(PRESETS))
+class RunConfig:  # every field with a help text is a flag: --n-layer for n_layer
+    preset: str = flag("gpt2-124m", "settings to start from; flags override them", choices=tuple(PRESETS))
     # data
     data_dir: str = flag("edu_fineweb10B", "folder of .npy token shards (python fineweb.py makes it)")
     input: str = flag("", "train on this UTF-8 text file instead (its last 10% is validation)")
     # model
-    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2, gpt2-medium, ...) or a local "
-                          "Hugging Face GPT-2 folder (fine-tuning)")
+    init_from: str = flag("scratch", "scratch, a GPT-2 name (gpt2, ...) or a Hugging Face GPT-2 folder")
     n_layer: int = flag(12, "transformer blocks", POSITIVE)
     n_head: int = flag(12, "attention heads", POSITIVE)
     n_embd: int = flag(768, "model width (channels), a multiple of --n-head", POSITIVE)
-    dropout: float = flag(0.0, "dropout probability in training (against overfitting on small data)",
-                          number(float, 0, below=1))
+    dropout: float = flag(0.0, "dropout probability in training", number(float, 0, below=1))
     # batch
     batch_size: int | str = flag("auto", "micro-batch B (sequences per forward pass per process); "
-                                 "auto: on CUDA the largest that fits, else at most 8",
-                                 batch_size_value)
+                                 "auto: on CUDA the largest that fits, else at most 8", batch_size_value)
     seq_len: int = flag(1024, "sequence length T (tokens)", POSITIVE)
-    total_batch_size: int = flag(524288, "tokens per optimizer step, all processes and micro-steps",
-                                 POSITIVE)
+    total_batch_size: int = flag(524288, "tokens per optimizer step, all processes and micro-steps", POSITIVE)
     # optimization
     max_steps: int = flag(19073, "optimizer steps (19073 x 524288 tokens = 10B tokens)", POSITIVE)
     warmup_steps: int = flag(715, "linear LR warmup steps", NATURAL)
     max_lr: float = flag(6e-4, "peak learning rate", number(float, above=0))
-    min_lr_ratio: float = flag(0.1, "the cosine decay ends at this fraction of --max-lr",
-                               number(float, 0, 1))
+    min_lr_ratio: float = flag(0.1, "the cosine decay ends at this fraction of --max-lr", number(float, 0, 1))
     weight_decay: float = flag(0.1, "AdamW weight decay of 2-D parameters", NONNEGATIVE)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)", NONNEGATIVE)
     seed: int = flag(1337, "seed of the initial weights and of the data order", NATURAL)
-    dtype: str = flag("auto", "autocast precision; auto: bf16 on GPUs and CPUs with bf16 hardware, "
-                      "fp16 on older GPUs, fp32 on other CPUs and MPS", choices=("auto", *DTYPES))
+    dtype: str = flag("auto", "autocast precision; auto: bf16 where the GPU or CPU has bf16 hardware, "
+                      "fp16 on older GPUs, else fp32", choices=("auto", *DTYPES))
     deterministic: bool = flag(None, "the same losses to the bit from the same command (default: on "
-                               "for CPU runs, where it costs nothing measurable)", bool)
+                               "for CPU runs)", bool)
     # periodic work (0 = off; each also runs at the end)
     val_every: int = flag(250, "validation loss every N steps", NATURAL)
     val_tokens: int = flag(10485760, "validation tokens (a fixed set, whatever the world size); not "
@@ -939,18 +874,14 @@ class RunConfig:
     overwrite: bool = flag(False, "delete another run's log and checkpoints in --log-dir first")
     tensorboard: bool = flag(False, "also write TensorBoard curves to --log-dir")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    compile: bool = flag(None, "torch.compile the model (default: on for CUDA GPUs of compute "
-                         "capability 7.0 and up, which Triton supports)", bool)
+    compile: bool = flag(None, "torch.compile the model (default: on CUDA GPUs that Triton supports)", bool)
     resume: str = flag("", "'auto' (the latest checkpoint in --log-dir, if any) or a checkpoint")
-    eval_only: bool = flag(False, "with --resume or --init-from: validate, run HellaSwag (if on), "
-                           "sample, then exit without writing to --log-dir")
-    export_hf: str = flag("", "after training (or --eval-only), write the model to this folder in "
-                          "Hugging Face format")
-    dist_timeout: float = flag(30, "minutes a process waits for the others in a collective (rank 0 "
-                               "saving a checkpoint) before the run fails", number(float, above=0))
-    # not flags: the command line's arguments, and the flags among them
-    argv: tuple = field(default=())
-    given: frozenset = field(default=frozenset())
+    eval_only: bool = flag(False, "with --resume or --init-from: evaluate, sample, export; write no log")
+    export_hf: str = flag("", "at the end, write the model to this folder in Hugging Face format")
+    dist_timeout: float = flag(30, "minutes a process waits for the others (rank 0 saving a checkpoint) "
+                               "before the run fails", number(float, above=0))
+    argv: tuple = field(default=())  # the command line's arguments
+    given: frozenset = field(default=frozenset())  # the flags among them
 
 
 def make_parser() -> OneLineParser:
@@ -1013,12 +944,12 @@ class Prepared:
 
 def preflight(cfg: RunConfig, d: Dist, prep: Prepared):
     """Everything that can fail before the model is built (which, compiled, takes a while)."""
-    if cfg.tensorboard:
-        need_package("tensorboard", "--tensorboard")
-    if cfg.export_hf:  # found out now, not after hours of training
-        if os.path.isfile(cfg.export_hf):
-            raise UserError(f"--export-hf {cfg.export_hf}: a file, not a folder")
-        need_package("transformers", "--export-hf")
+    for package, flag_name, value in (("tensorboard", "--tensorboard", cfg.tensorboard),
+                                      ("transformers", "--export-hf", cfg.export_hf)):
+        if value and importlib.util.find_spec(package) is None:  # found out now, not after hours
+            raise UserError(f"{flag_name} needs the {package} package: pip install {package}")
+    if cfg.export_hf and os.path.isfile(cfg.export_hf):
+        raise UserError(f"--export-hf {cfg.export_hf}: a file, not a folder")
     if not cfg.eval_only:  # one run, one writer (rank 0); --eval-only writes nothing there
         prep.lock = on_rank0(d, lambda: claim_folder(cfg.log_dir, bool(cfg.resume), cfg.overwrite))
     if cfg.resume:
@@ -1030,9 +961,7 @@ def preflight(cfg: RunConfig, d: Dist, prep: Prepared):
     if not cfg.eval_only:
         micro_steps(cfg, None if cfg.batch_size == "auto" else cfg.batch_size, d.world_size)
     if not cfg.eval_only or cfg.val_every:
-        prep.train, prep.val = read_splits(cfg)
-    if cfg.val_every:
-        prep.val_seqs = plan_validation(cfg, prep.val)
+        prep.train, prep.val, prep.val_seqs = read_data(cfg)
     if cfg.hellaswag_every:
         # one download per node: local rank 0 fetches the file while the others wait
         if d.ddp and d.local_rank != 0:
@@ -1044,20 +973,13 @@ def preflight(cfg: RunConfig, d: Dist, prep: Prepared):
             dist.barrier()
 
 
-def need_package(name: str, flag_name: str):
-    try:
-        __import__(name)
-    except ImportError:
-        raise UserError(f"{flag_name} needs the {name} package: pip install {name}") from None
-
-
-def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
-    """(train, val) token arrays with their names, from --input or --data-dir."""
+def read_data(cfg: RunConfig):
+    """(train, val) token arrays with their names, from --input or --data-dir (no train split for
+    --eval-only), and the sequences per validation: --val-tokens, at most the whole split."""
     T, seqs_per_step = cfg.seq_len, cfg.total_batch_size // cfg.seq_len
     if cfg.input:
         train_ids, val_ids = load_text(cfg.input)
-        train = ([train_ids], [f"{cfg.input} (first 90%)"])
-        val = ([val_ids], [f"{cfg.input} (last 10%)"])
+        train, val = ([train_ids], [f"{cfg.input} (first 90%)"]), ([val_ids], [f"{cfg.input} (last 10%)"])
         fix = "use a longer text, or lower --seq-len / --total-batch-size"
     else:
         train = ((), ()) if cfg.eval_only else load_shards(cfg.data_dir, "train")
@@ -1067,24 +989,17 @@ def read_splits(cfg: RunConfig) -> tuple[tuple, tuple]:
     if not cfg.eval_only and have < seqs_per_step:
         raise UserError(f"{describe(train[1])}: the train split has {have} sequences of T={T} "
                         f"tokens, fewer than the {seqs_per_step} one optimizer step needs; {fix}")
-    return train, val
-
-
-def plan_validation(cfg: RunConfig, val) -> int:
-    """Sequences per validation: --val-tokens (at most the split's), else up to the default's."""
-    T = cfg.seq_len
-    have = count_sequences(val[0], T)
-    wanted = max(1, cfg.val_tokens // T)
-    if "val_tokens" in cfg.given and wanted > have:
+    have, wanted = count_sequences(val[0], T), max(1, cfg.val_tokens // T)
+    if cfg.val_every and "val_tokens" in cfg.given and wanted > have:
         raise UserError(f"--val-tokens {cfg.val_tokens}: the val split ({describe(val[1])}) has "
                         f"{have * T:,} tokens in sequences of T={T}; pass at most {have * T}, or "
                         f"leave --val-tokens out")
-    if have == 0:
+    if cfg.val_every and have == 0:
         raise UserError(f"{describe(val[1])}: the val split has no sequence of T={T} tokens; lower "
                         f"--seq-len, or --val-every 0 to train without validation")
-    n = min(wanted, have)
-    print0(f"validation: {n * T:,} tokens" + (" (the whole val split)" if n == have else ""))
-    return n
+    if cfg.val_every:
+        print0(f"validation: {min(wanted, have) * T:,} tokens" + (" (the whole val split)" * (wanted >= have)))
+    return train, val, min(wanted, have)
 
 
 def count_sequences(arrays, T: int) -> int:
@@ -1118,8 +1033,7 @@ def read_text(path: str) -> str:
 def check_seq_len(cfg: RunConfig, model: GPT):
     """--seq-len must fit the model's position table (a pretrained model brings its own)."""
     if cfg.seq_len > model.config.block_size:
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size "
-                        f"{model.config.block_size}")
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {model.config.block_size}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1204,7 +1118,7 @@ def set_rng_state(state: dict, device_type: str):
         getattr(torch, device_type).set_rng_state(state[device_type])
 
 
-def checkpoint_path(log_dir: str, step: int) -> str:
+def checkpoint_path(log_dir: str, step: int) -> str:  # ckpt_<step>.pt
     return os.path.join(log_dir, f"ckpt_{step:06d}.pt")
 
 
@@ -1325,7 +1239,6 @@ def claim_folder(path: str, resuming: bool, overwrite: bool) -> int | None:
                         ) from None
     try:
         import fcntl  # not on Windows: there the folder is not locked
-
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
@@ -1391,7 +1304,6 @@ class RunLog:
         atomic_write(self.path, lambda f: f.write(text))
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-
             # purge_step: TensorBoard hides the lost part's points, so the curves continue
             self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
 
@@ -1428,22 +1340,19 @@ def start_log(cfg: RunConfig, d: Dist, prep: Prepared, start_step: int) -> RunLo
 def run_header(cfg: RunConfig, d: Dist) -> list[str]:
     import platform
     import subprocess
-
     import tiktoken
-
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=here, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    try:  # the commit of this file's checkout, if any
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:  # no git
+        git = ""
     device = torch.cuda.get_device_name(d.device) if d.device_type == "cuda" else d.device_type
     return [f"command: {shlex.join(['train_gpt2.py', *cfg.argv])}",  # play.ipynb reads it back
             f"started: {time.strftime('%Y-%m-%d %H:%M:%S')}",
             f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy "
             f"{np.__version__}, tiktoken {tiktoken.__version__}",
             f"device: {device} x {d.world_size}",
-            f"git: {commit or 'unknown'}"]
+            f"git: {git or 'unknown'}"]
 
 
 def run_summary(step_times: list, cfg: RunConfig, d: Dist, peak: float | None, flops_per_token):
@@ -1457,17 +1366,6 @@ def run_summary(step_times: list, cfg: RunConfig, d: Dist, peak: float | None, f
     if d.device_type == "cuda":
         line += f", peak memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB"
     return line
-
-
-def skip_update(step: int, loss: float, norm: float, bad_in_a_row: int, skipped: int,
-                cfg: RunConfig, log: RunLog):
-    """Log an update skipped for a non-finite loss; MAX_BAD_STEPS of them in a row stop the run."""
-    log.record(step, "skipped", skipped, f"non-finite loss {loss} / grad norm {norm}: update "
-               f"skipped ({bad_in_a_row} in a row, {skipped} in all)")
-    if bad_in_a_row >= MAX_BAD_STEPS:
-        raise UserError(f"{bad_in_a_row} non-finite losses in a row at step {step}: stopping. "
-                        f"{last_good(cfg.log_dir)}; lower --max-lr or raise --warmup-steps, then "
-                        f"--resume auto")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1576,7 +1474,6 @@ def keep_freed_memory():
     the kernel zeroes every new page, so a third of a CPU step went to page faults on the logits
     (README: speed). This keeps freed memory in the process. No effect without glibc."""
     import ctypes
-
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -1601,12 +1498,9 @@ GPU_PEAK_FLOPS = {
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Peak FLOP/s (GPU_PEAK_FLOPS) of a GPU from its torch.cuda.get_device_name(), or None.
-
-    Matched on the exact model, never a substring (an "L40S" is not an "L4"): the vendor words are
-    dropped, the first word (two for "RTX 4090"-style names) is the model, and a PCIe or NVL form
-    factor, which runs at a lower clock, is added when the name says so: "NVIDIA H100 80GB HBM3" ->
-    "H100", "NVIDIA H100 PCIe" -> "H100 PCIe", "Tesla V100-SXM2-16GB" -> "V100"."""
+    """Peak FLOP/s of a GPU from its torch.cuda.get_device_name(), or None. The exact model, never a
+    substring (an "L40S" is no "L4"), with its form factor: "NVIDIA H100 80GB HBM3" -> "H100",
+    "NVIDIA H100 PCIe" -> "H100 PCIe" (a lower clock), "Tesla V100-SXM2-16GB" -> "V100"."""
     words = [w for w in re.split(r"[\s\-_]+", device_name.upper())
              if w and w not in ("NVIDIA", "TESLA", "GEFORCE")]
     if not words or "MIG" in words:  # a MIG slice has a fraction of the GPU's peak
@@ -1620,9 +1514,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def make_deterministic():
-    """The same command, the same losses to the bit. CPU: MKL's dynamic threading uses fewer threads
-    on a busy machine, which reorders sums; set_num_threads turns it off. CUDA: deterministic
-    kernels where torch has them (a warning where not)."""
+    """The same command, the same losses to the bit. CPU: MKL's dynamic threading (fewer threads on a
+    busy machine reorder sums) goes off with set_num_threads. CUDA: deterministic kernels."""
     torch.set_num_threads(torch.get_num_threads())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)

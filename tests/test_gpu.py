@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from bench.data import data_file
 from helpers import ROOT, SHAKESPEARE, env1, read_log, run_train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -30,7 +29,7 @@ GPU = ["--preset", "gpt2-124m", "--input", SHAKESPEARE, "--n-layer", "2", "--n-h
 
 
 def hellaswag_data():
-    return data_file("hellaswag_val.jsonl")
+    return os.path.join(ROOT, "tests", "data", "hellaswag_val_300.jsonl")
 
 
 @cuda
@@ -38,7 +37,7 @@ def test_cuda_compiled_run_with_validation_hellaswag_and_sampling(tmp_path):
     p = run_train(*GPU, "--max-steps", "30", "--val-every", "10", "--hellaswag-every", "15", "--hellaswag-limit", "64",
                   "--hellaswag-data", hellaswag_data(), "--sample-every", "15", "--checkpoint-every", "30",
                   "--log-dir", str(tmp_path))
-    want = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16 with loss scaling"
+    want = "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16 with loss scaling"
     assert f"autocast: {want}, compile: True" in p.stdout, p.stdout[:2000]
     val, train = read_log(tmp_path, "val"), read_log(tmp_path, "train")
     assert sorted(val) == [0, 10, 20, 30] and len(train) == 30 and all(map(math.isfinite, train.values()))
@@ -74,13 +73,12 @@ def test_cuda_fp16_trains_through_overflows(tmp_path):
     # a first loss scale of 2**22: the test's fp16 gradients overflow from about 2**20 up (2**19 is clean),
     # so the first steps are skipped, each halving the scale, and the rest train
     p = run_train(*GPU, "--no-compile", "--dtype", "fp16", "--max-steps", "20", "--val-every", "20",
-                  "--log-dir", str(tmp_path), init_scale=2.0**22)
-    assert "autocast: fp16 with loss scaling" in p.stdout and "gradients overflowed: update skipped" in p.stdout
-    scales = read_log(tmp_path, "scale")
-    assert 2 <= len(scales) <= 10 and read_log(tmp_path, "skipped") == {}
+                  "--checkpoint-every", "20", "--log-dir", str(tmp_path), init_scale=2.0**22)
+    assert "autocast: float16 with loss scaling" in p.stdout and read_log(tmp_path, "skipped") == {}
+    scale = tg.read_checkpoint(tg.latest_checkpoint(str(tmp_path)))["scaler"]["scale"]
     val = read_log(tmp_path, "val")
-    print(f"\nfp16 from loss scale 2**22: {len(scales)} overflowing steps skipped, val {val[0]:.3f} -> {val[20]:.3f}")
-    assert val[20] < val[0] - 0.5
+    print(f"\nfp16 from loss scale 2**22: scale {scale:g} after 20 steps, val {val[0]:.3f} -> {val[20]:.3f}")
+    assert scale < 2.0**22 and val[20] < val[0] - 0.5
 
 
 @cuda
@@ -91,7 +89,7 @@ def test_cuda_batch_size_auto_probe_on_gpt2_124m():
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig()).cuda()
     autocast = tg.autocast_context("cuda", tg.autocast_dtype(torch.device("cuda")))
-    reserve = 8 * sum(p.numel() for p in model.parameters()) + (512 << 20)
+    reserve = 8 * model.num_params() + (512 << 20)
     B, too_big = tg.fit_micro_batch(model, 256, 1024, torch.device("cuda"), autocast, reserve_bytes=reserve)
     print(f"\n--batch-size auto on {torch.cuda.get_device_name()}: {B} (out of memory at {too_big})")
     assert B in (1, 2, 4, 8, 16, 32, 64, 128) and too_big and too_big[-1] == 2 * B
@@ -123,7 +121,7 @@ def test_cuda_hellaswag_predictions_equal_the_cpus(tmp_path):
     for device, dtype in [("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "auto")]:
         out = tmp_path / f"{device}_{dtype}.json"
         p = subprocess.run([sys.executable, os.path.join(ROOT, "hellaswag.py"), "--checkpoint", ckpt, "--data",
-                            hellaswag_data(), "--limit", "500", "--device", device, "--dtype", dtype,
+                            hellaswag_data(), "--limit", "300", "--device", device, "--dtype", dtype,
                             "--out", str(out)],
                            cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stderr[-2000:]
@@ -151,7 +149,7 @@ def test_mps_quick_start_trains_and_validates(tmp_path):
     p = run_train("--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--max-steps", "20",
                   "--val-every", "10", "--sample-every", "10", "--checkpoint-every", "20", "--device", "mps",
                   "--log-dir", str(tmp_path))
-    assert "autocast: fp32" in p.stdout
+    assert "autocast: float32" in p.stdout
     val = read_log(tmp_path, "val")
     assert sorted(val) == [0, 10, 20] and val[20] < val[0]
     p = run_train("--input", SHAKESPEARE, "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--max-steps", "24",

@@ -30,7 +30,7 @@ def executed(tmp_path_factory, hellaswag_val):
     notebook run on it (in memory: play.ipynb itself is never written)."""
     log_dir = tmp_path_factory.mktemp("run") / "log"
     run_train(*TINY, "--batch-size", "8", "--max-steps", "20", "--val-every", "5", "--checkpoint-every", "10",
-              "--hellaswag-every", "10", "--hellaswag-limit", "8", "--block-size", "256",
+              "--hellaswag-every", "10", "--hellaswag-limit", "8",
               "--hellaswag-data", hellaswag_val, "--log-dir", str(log_dir),
               nan_steps=7)
     nb = read_notebook()

@@ -115,7 +115,7 @@ def write_shards(folder, n_train=2, tokens=3000, dtype=np.uint16):
 
 
 def test_shard_errors(tmp_path):
-    with pytest.raises(tg.DataError, match="python fineweb.py"):
+    with pytest.raises(tg.UserError, match="python fineweb.py"):
         tg.find_shards(str(tmp_path), "train")  # empty directory
     paths = write_shards(str(tmp_path / "ok"))
     assert tg.find_shards(str(tmp_path / "ok"), "train") == paths[1:]
@@ -123,16 +123,16 @@ def test_shard_errors(tmp_path):
     # a truncated shard (a crash while writing, a partial copy)
     raw = open(paths[1], "rb").read()
     open(paths[1], "wb").write(raw[: len(raw) // 2])
-    with pytest.raises(tg.DataError, match="t_train_000001.npy.*unreadable.*fineweb.py"):
+    with pytest.raises(tg.UserError, match="t_train_000001.npy.*unreadable.*fineweb.py"):
         tg.open_shard(paths[1])
     # the wrong dtype
     wrong = write_shards(str(tmp_path / "wrong"), dtype=np.int32)
-    with pytest.raises(tg.DataError, match="t_train_000001.npy.*int32.*uint16"):
+    with pytest.raises(tg.UserError, match="t_train_000001.npy.*int32.*uint16"):
         tg.open_shard(wrong[1])
     # ids that are not GPT-2 tokens
     bad = str(tmp_path / "bad_val_000000.npy")
     np.save(bad, np.full(100, 60000, dtype=np.uint16))
-    with pytest.raises(tg.DataError, match="60000"):
+    with pytest.raises(tg.UserError, match="60000"):
         tg.open_shard(bad)
 
 
@@ -226,30 +226,24 @@ def test_weight_decay_only_on_2d_parameters():
 
 # --- the real CLI: DDP and micro-batches ------------------------------------------------------
 
-def test_ddp_and_micro_batches_give_the_same_losses(tmp_path):
-    args = [*TINY, "--max-steps", "5", "--val-every", "2"]
+def test_micro_batches_and_ddp_compiled_give_the_same_losses_and_evaluate(tmp_path, hellaswag_val):
+    """One process in one micro-step, one in four, and two gloo ranks of two micro-steps each,
+    DDP-wrapped then compiled (inductor) and evaluating as they train (validation on the compiled
+    model, HellaSwag and samples on the raw one): the same losses."""
+    args = [*TINY, "--max-steps", "4", "--val-every", "2"]
     run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))  # 1 process, 1 micro-step
     run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "small"))  # 1 process, 4 micro-steps
-    run_train(*args, "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)  # 2 ranks x 2 micro-steps
+    p = run_train(*args, "--batch-size", "2", "--compile", "--hellaswag-every", "2", "--hellaswag-limit", "8",
+                  "--hellaswag-data", hellaswag_val, "--sample-every", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)
+    assert "compile: True" in p.stdout and p.stdout.count("rank 0 sample 0:") == 2  # steps 2 and 4
     ref = read_log(tmp_path / "one")
-    assert [k for _, k, _ in ref].count("train") == 5 and [k for _, k, _ in ref].count("val") == 4  # 0, 2, 4, 5
+    assert [k for _, k, _ in ref].count("train") == 4 and [k for _, k, _ in ref].count("val") == 3  # 0, 2, 4
     for other in ("small", "ddp"):
-        got = read_log(tmp_path / other)
+        got = [r for r in read_log(tmp_path / other) if r[1] != "hella"]
         assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in ref]
         for (s, k, a), (_, _, b) in zip(ref, got):
             assert abs(a - b) < 2e-5, (other, s, k, a, b)
-
-
-def test_compiled_run_with_validation_hellaswag_and_sampling(tmp_path, hellaswag_val):
-    p = run_train(*TINY, "--compile", "--max-steps", "4", "--batch-size", "8", "--val-every", "2",
-                  "--hellaswag-every", "2", "--hellaswag-limit", "8", "--sample-every", "2",
-                  "--hellaswag-data", hellaswag_val,
-                  "--block-size", "256", "--log-dir", str(tmp_path / "c"))
-    records = read_log(tmp_path / "c")
-    kinds = [k for _, k, _ in records]
-    assert kinds.count("train") == 4 and kinds.count("val") == 3 and kinds.count("hella") == 3
-    assert "compile: True" in p.stdout
-    assert p.stdout.count("sample 0:") == 2  # steps 2 and 4 (the last: the weights after 4 updates)
+    assert sorted(read_log(tmp_path / "ddp", "hella")) == [0, 2, 4]
 
 
 def test_shakespeare_preset_learns(tmp_path):
@@ -258,23 +252,18 @@ def test_shakespeare_preset_learns(tmp_path):
     run_train("--preset", "shakespeare", "--input", SHAKESPEARE,
               "--max-steps", "30", "--warmup-steps", "10", "--val-every", "29", "--val-tokens", "4096",
               "--sample-every", "0",
-              "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"),
-              extra_env={"OMP_NUM_THREADS": "2"})  # one process: both cores
+              "--checkpoint-every", "0", "--device", "cpu", "--log-dir", str(tmp_path / "s"))
     val = read_log(tmp_path / "s", "val")
     assert val[0] > 10.5 and val[30] < val[0] - 2.0, val
 
 
 def test_fineweb_shards_train_end_to_end(tmp_path, hellaswag_val):
     # fineweb.py turns real text into shards; train_gpt2.py's loader reads them and trains
-    import subprocess
-    import sys
+    import fineweb
 
     out = tmp_path / "shards"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--dataset",
-                        SHAKESPEARE,
-                        "--txt-docs", "paragraph", "--out-dir", str(out), "--shard-size", "40000", "--workers", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    fineweb.main(["--dataset", SHAKESPEARE, "--txt-docs", "paragraph", "--out-dir", str(out), "--shard-size",
+                  "40000", "--workers", "0"])
     arrays, paths = tg.load_shards(str(out), "train")
     assert len(paths) >= 5 and all(a.dtype == np.uint16 for a in arrays)
     run_train(*[a for a in TINY if a not in ("--input", SHAKESPEARE)],
@@ -301,25 +290,21 @@ def test_peak_flops_matches_exact_model_names():
         assert tg.peak_flops(unknown) is None, unknown
 
 
-@pytest.mark.parametrize("capabilities, want, reason", [
+@pytest.mark.parametrize("capabilities, want", [
     ({"architecture": "x86_64", "avx2": True, "avx512_bf16": True, "amx_bf16": True, "amx_tile": True},
-     torch.bfloat16, " (CPU with AMX)"),  # Intel Xeon, Sapphire Rapids and later
+     torch.bfloat16),  # Intel Xeon, Sapphire Rapids and later
     ({"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": False},
-     torch.bfloat16, " (CPU with AVX512-BF16)"),  # AMD Zen 4 and 5
+     torch.bfloat16),  # AMD Zen 4 and 5
     ({"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False},
-     torch.float32, " (CPU without bf16 instructions)"),  # the AVX2-only EPYC: bf16 is emulated there
-    ({"architecture": "aarch64", "neon": True, "bf16": True}, torch.float32, " (CPU without bf16 instructions)"),
+     torch.float32),  # the AVX2-only EPYC: bf16 is emulated there
+    ({"architecture": "aarch64", "neon": True, "bf16": True}, torch.float32),
 ])
-def test_one_dtype_decision_on_cpu(monkeypatch, capabilities, want, reason):
+def test_one_dtype_decision_on_cpu(monkeypatch, capabilities, want):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)  # what torch detects
-    assert tg.autocast_dtype(cpu) == want and tg.dtype_reason(cpu, "auto") == reason
-    assert tg.autocast_dtype(cpu, "fp32") == torch.float32 and tg.dtype_reason(cpu, "fp32") == ""  # asked for
+    assert tg.autocast_dtype(cpu) == want
+    assert tg.autocast_dtype(cpu, "fp32") == torch.float32  # asked for
     assert tg.autocast_dtype(cpu, "fp16") == torch.float16 and tg.autocast_dtype(cpu, "bf16") == torch.bfloat16
-    assert isinstance(tg.grad_scaler("cpu", torch.float16), torch.amp.GradScaler)  # fp16 needs loss scaling
-    assert tg.grad_scaler("cpu", torch.bfloat16) is None and tg.grad_scaler("cpu", torch.float32) is None
-    with pytest.raises(tg.ConfigError, match="--dtype fp8"):
-        tg.autocast_dtype(cpu, "fp8")
 
 
 def test_validation_accumulates_no_float64_on_the_device():
@@ -348,7 +333,7 @@ def test_validation_accumulates_no_float64_on_the_device():
     arrays, _ = shards_with_ids([200])
     loader = make_loader(arrays, B=4, T=8, seqs_per_step=4)
     with Float64Watch() as watch:
-        loss = tg.validation_loss(model, loader, 10, "cpu", contextlib.nullcontext())  # 2 full batches + 1 padded
+        loss = tg.validation_loss(model, loader, 10, torch.device("cpu"), contextlib.nullcontext())  # 2 full batches + 1 padded
     assert math.isfinite(loss) and watch.bad == [], watch.bad
 
 
@@ -385,27 +370,23 @@ def test_micro_batch_probe_halves_until_it_fits():
     assert model.tried == [24, 12, 6, 3]  # halving, each a divisor of 24
     model = OutOfMemoryAbove(4)
     assert tg.fit_micro_batch(model, 18, 4, torch.device("cpu"), contextlib.nullcontext(), 0) == (3, [18, 9])
-    with pytest.raises(tg.ConfigError, match="not even one sequence"):
-        tg.fit_micro_batch(OutOfMemoryAbove(0), 8, 4, torch.device("cpu"), contextlib.nullcontext(), 0)
+    assert tg.fit_micro_batch(OutOfMemoryAbove(0), 8, 4, torch.device("cpu"), contextlib.nullcontext(), 0) == \
+        (0, [8, 4, 2, 1])  # not even one sequence: auto_micro_batch says so, on every rank
 
 
 def test_fp16_trains_on_cpu_through_overflows(tmp_path):
     """--dtype fp16 with a GradScaler, on a CPU. A first loss scale of 2**23 makes the fp16 gradients
-    overflow: the scaler skips those updates (the validation loss does not move) and halves the
-    scale, which is logged; none of this counts as a bad step, and training then goes on."""
+    overflow: the scaler skips those updates (the validation loss does not move) and lowers the
+    scale; none of this counts as a bad step, and training then goes on."""
     p = run_train(*TINY, "--dtype", "fp16", "--max-steps", "12", "--val-every", "1", "--val-tokens", "256",
-                  "--max-lr", "3e-3", "--log-dir", str(tmp_path), init_scale=2.0**23,
-                  extra_env={"OMP_NUM_THREADS": "2"})  # one process: both cores
-    assert "autocast: fp16 with loss scaling" in p.stdout
-    scales = read_log(tmp_path, "scale")
-    assert len(scales) >= 2 and all(b == a / 2 for a, b in zip(list(scales.values()), list(scales.values())[1:]))
+                  "--max-lr", "3e-3", "--checkpoint-every", "12", "--log-dir", str(tmp_path), init_scale=2.0**23)
+    assert "autocast: float16 with loss scaling" in p.stdout
     val = read_log(tmp_path, "val")
-    first_overflow = min(scales)
-    assert val[first_overflow + 1] == val[first_overflow]  # the overflowing step changed no weight
-    assert "gradients overflowed: update skipped" in p.stdout
+    assert val[1] == val[0]  # the first step overflowed: no weight changed
     assert read_log(tmp_path, "skipped") == {}  # overflows are not bad steps
     assert all(math.isfinite(v) for v in read_log(tmp_path, "train").values())
-    assert val[11] < val[0] - 0.05  # it trained once the scale fitted
+    assert val[12] < val[0] - 0.05  # it trained once the scale fitted
+    assert tg.read_checkpoint(tg.latest_checkpoint(str(tmp_path)))["scaler"]["scale"] < 2.0**23  # lowered
 
 
 def test_help_and_readme_name_the_same_flags():
@@ -418,14 +399,6 @@ def test_help_and_readme_name_the_same_flags():
 
 # --- GPU readiness, as far as a CPU can show it -----------------------------------------------------
 
-def test_compile_default_follows_the_gpus_compute_capability():
-    """Triton, the compiler's GPU backend, needs compute capability 7.0: older GPUs run eager by default."""
-    assert tg.compile_default("cuda", (9, 0)) == (True, "") and tg.compile_default("cuda", (7, 0)) == (True, "")
-    off, why = tg.compile_default("cuda", (6, 1))  # a GTX 1080, P40
-    assert not off and why == " (Triton needs compute capability 7.0, this GPU has 6.1)"
-    assert tg.compile_default("cpu") == (False, "") and tg.compile_default("mps") == (False, "")
-
-
 def test_compiled_model_sees_one_layout_and_two_graphs():
     """Training and validation batches are contiguous, so the compiled model makes one graph for
     training and one for validation (eval mode, no grad), and no third one for a new memory layout
@@ -435,7 +408,7 @@ def test_compiled_model_sees_one_layout_and_two_graphs():
     torch._dynamo.reset()
     torch.manual_seed(0)
     raw = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
-    model = torch.compile(raw)
+    model = torch.compile(raw, backend="eager")  # graphs are counted before the backend compiles them
     arrays, _ = shards_with_ids([2000])
     train = make_loader(arrays, B=4, T=16, seqs_per_step=8)
     val = make_loader(arrays, B=4, T=16, seqs_per_step=8, shuffle=False)
@@ -444,22 +417,11 @@ def test_compiled_model_sees_one_layout_and_two_graphs():
     torch._dynamo.utils.counters.clear()
     for _ in range(2):  # as in the loop: validation (at step 0 first), then training
         model.eval()
-        tg.validation_loss(model, val, 6, "cpu", contextlib.nullcontext())  # 4 + 2 padded
+        tg.validation_loss(model, val, 6, torch.device("cpu"), contextlib.nullcontext())  # 4 + 2 padded
         model.train()
-        tg.forward_backward(model, train, train.grad_accum_steps, torch.device("cpu"), contextlib.nullcontext())
+        tg.forward_backward(model, train, train.grad_accum_steps, torch.device("cpu"), contextlib.nullcontext(),
+                            torch.amp.GradScaler("cpu", enabled=False))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2, dict(torch._dynamo.utils.counters["stats"])
-
-
-def test_ddp_wraps_the_model_before_compiling_and_equals_one_process(tmp_path):
-    """Two gloo ranks, DDP-wrapped then compiled, against one eager process (TINY is eager)."""
-    args = [*TINY, "--max-steps", "3", "--val-every", "3"]
-    run_train(*args, "--batch-size", "8", "--log-dir", str(tmp_path / "one"))
-    p = run_train(*args, "--compile", "--batch-size", "2", "--log-dir", str(tmp_path / "ddp"), nproc=2)
-    assert "compile: True" in p.stdout
-    ref, got = read_log(tmp_path / "one"), read_log(tmp_path / "ddp")
-    assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in ref]
-    for (s, k, a), (_, _, b) in zip(ref, got):
-        assert abs(a - b) < 2e-5, (s, k, a, b)
 
 
 def test_the_last_evaluation_scores_the_saved_weights(tmp_path):
@@ -498,9 +460,11 @@ def test_miniseries_presets_have_gpt2s_shapes_and_pass_preflight(preset, hf_shap
     assert ours.num_params() - padding_rows == sum(p.numel() for p in hf.parameters())
     # one optimizer step of data (1,024 sequences for 1558M) and a val shard, then the checks
     write_shards(str(tmp_path / "shards"), n_train=1, tokens=cfg.total_batch_size + 2 * cfg.seq_len)
-    prep = tg.preflight(cfg, tg.setup_distributed("cpu"))
+    prep = tg.Prepared(dtype=torch.float32)
+    tg.preflight(cfg, tg.setup_distributed("cpu"), prep)
+    os.close(prep.lock)
     assert tg.count_sequences(prep.train[0], cfg.seq_len) * cfg.seq_len >= cfg.total_batch_size
-    assert prep.val_seqs >= 1 and len(prep.hellaswag) == 10042
+    assert prep.val_seqs >= 1 and len(prep.hellaswag) == 300
 
 
 def test_readme_names_where_the_two_parts_of_train_gpt2_begin():
@@ -524,8 +488,8 @@ def test_bf16_on_the_cpu_trains_like_fp32_and_scores_hellaswag_alike(tmp_path, h
             "--checkpoint-every", "10"]
     run_train(*args, "--dtype", "fp32", "--log-dir", str(tmp_path / "fp32"))
     # two threads: emulated bf16 (on CPUs without bf16 instructions) takes 0.8 s a step even so
-    p = run_train(*args, "--dtype", "bf16", "--log-dir", str(tmp_path / "bf16"), extra_env={"OMP_NUM_THREADS": "2"})
-    assert "autocast: bf16, compile: False" in p.stdout  # asked for: no reason given
+    p = run_train(*args, "--dtype", "bf16", "--log-dir", str(tmp_path / "bf16"))
+    assert "autocast: bfloat16, compile: False" in p.stdout
     fp32, bf16 = read_log(tmp_path / "fp32", "val"), read_log(tmp_path / "bf16", "val")
     assert all(math.isfinite(v) for v in read_log(tmp_path / "bf16", "train").values())
     assert bf16[10] < bf16[0] - 0.5, bf16  # it learns (10.81 -> 10.18)
