@@ -22,6 +22,7 @@ import argparse
 import datetime
 import importlib.util
 import math
+import mmap
 import os
 import random
 import re
@@ -335,6 +336,8 @@ def open_shard(path: str) -> np.ndarray:
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, "
                         f"expected 1-D uint16; {fix}")
+    if hasattr(mmap, "MADV_RANDOM"):  # sequences are read at random places: no read-ahead around
+        tokens._mmap.madvise(mmap.MADV_RANDOM)  # each (Linux reads up to 8 MB for one 2 KB sequence)
     starts = np.linspace(0, max(0, len(tokens) - SHARD_CHECK_TOKENS), SHARD_CHECK_WINDOWS)
     top = max((int(tokens[s : s + SHARD_CHECK_TOKENS].max()) for s in starts.astype(np.int64)
                if len(tokens)), default=0)
@@ -953,7 +956,7 @@ def preflight(cfg: RunConfig, d: Dist, prep: Prepared):
     if not cfg.eval_only:  # one run, one writer (rank 0); --eval-only writes nothing there
         prep.lock = on_rank0(d, lambda: claim_folder(cfg.log_dir, bool(cfg.resume), cfg.overwrite))
     if cfg.resume:
-        prep.ckpt_path, prep.ckpt = find_resume_checkpoint(cfg)
+        prep.ckpt_path, prep.ckpt = find_resume_checkpoint(cfg, d)
     if prep.ckpt is not None and cfg.eval_only:  # evaluate on the run's own validation tokens
         for key in ("input", "data_dir", "seq_len", "val_tokens"):
             if key not in cfg.given and key in prep.ckpt["run_config"]:
@@ -1154,15 +1157,37 @@ def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
     return path
 
 
-def find_resume_checkpoint(cfg: RunConfig) -> tuple[str | None, dict | None]:
-    """(path, contents) of --resume PATH, or of --resume auto's newest checkpoint in --log-dir."""
+def find_resume_checkpoint(cfg: RunConfig, d: Dist) -> tuple[str | None, dict | None]:
+    """(path, contents) of --resume PATH, or of --resume auto: the newest checkpoint in --log-dir on
+    any rank's disk. When some rank cannot read that file (nodes without a shared disk, rank 0 on
+    another node than before), one that can sends its contents to all: every rank resumes alike."""
     path = cfg.resume if cfg.resume != "auto" else latest_checkpoint(cfg.log_dir)
-    if path is not None:
+    mine = -1  # what this rank can offer: the step of its newest checkpoint (0: --resume PATH)
+    if path is not None and os.path.isfile(path):
+        mine = int(CHECKPOINT_NAME.search(path)[1]) if cfg.resume == "auto" else 0
+    offers = [mine] * d.world_size
+    if d.ddp:
+        dist.all_gather_object(offers, mine)
+    if max(offers) < 0 and cfg.resume != "auto":
+        read_checkpoint(cfg.resume)  # no rank has it: its error
+    if max(offers) < 0:
+        if cfg.eval_only:
+            raise UserError(f"--resume auto: no checkpoint in {cfg.log_dir}")
+        print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
+        return None, None
+    if all(offer == max(offers) for offer in offers):  # one disk, or the same file on each
         return path, read_checkpoint(path)
-    if cfg.eval_only:
-        raise UserError(f"--resume auto: no checkpoint in {cfg.log_dir}")
-    print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
-    return None, None
+    box, src = [path, None], offers.index(max(offers))
+    if d.rank == src:
+        try:
+            box[1] = read_checkpoint(path)
+        except UserError as e:
+            box[1] = e
+    dist.broadcast_object_list(box, src=src)
+    if isinstance(box[1], UserError):
+        raise box[1]
+    print0(f"{box[0]}: read by rank {src}, sent to the ranks without it")
+    return box[0], box[1]
 
 
 def resume(prep: Prepared, model: GPT, optimizer, scaler, train_loader: DataLoader, d: Dist):
@@ -1551,6 +1576,9 @@ def main(argv=None):
     d = prep = None
     try:
         cfg = parse_args(argv)
+        # CUDA memory in growable segments: less fragmentation, so the batch-size probe's answer
+        # holds in training (README: memory); read when CUDA first allocates
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         d = setup_distributed(cfg.device, cfg.dist_timeout)
         if cfg.deterministic or (cfg.deterministic is None and d.device_type == "cpu"):
             make_deterministic()  # before the first matmul (cuBLAS reads its setting then)

@@ -6,6 +6,7 @@ the way train_gpt2.py is (python or torchrun):
 nan_steps     the losses of these steps become NaN (as a numerical blow-up would make them)
 init_scale    fp16's GradScaler starts at this loss scale (to force overflows)
 sigterm_at    the run sends itself SIGTERM during this step (a stop that no clock can race)
+sigkill_at    rank 1 kills itself (SIGKILL) during this step, on torchrun's first attempt only
 step_seconds  every step takes at least this long (time to send a second signal)
 """
 import os
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 import train_gpt2  # noqa: E402
 
 
-def patch(nan_steps="", init_scale=None, sigterm_at=-1, step_seconds=0):
+def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seconds=0):
     """Patch train_gpt2 (and torch's GradScaler); returns the function that undoes it."""
     nan_steps = {int(s) for s in str(nan_steps).split(",") if s.strip()}
     forward_backward, grad_scaler = train_gpt2.forward_backward, torch.amp.GradScaler
@@ -30,6 +31,9 @@ def patch(nan_steps="", init_scale=None, sigterm_at=-1, step_seconds=0):
         step = loader.position // loader.seqs_per_step  # the optimizer step whose gradients these are
         if step == int(sigterm_at):
             os.kill(os.getpid(), signal.SIGTERM)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if step == int(sigkill_at) and os.environ.get("RANK") == "1" and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)
         loss = forward_backward(model, loader, *args, **kwargs)
         time.sleep(float(step_seconds))
         return loss * float("nan") if step in nan_steps else loss

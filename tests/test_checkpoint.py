@@ -69,14 +69,61 @@ def test_sigkill_after_checkpoint_then_resume_equals_unbroken(unbroken, tmp_path
     assert_same_records(unbroken, d)  # the lost steps' records were dropped, then redone identically
 
 
-def test_ddp_resume_equals_unbroken_two_rank_run(tmp_path):
-    args = [*ARGS, "--max-steps", "12", "--val-every", "4", "--batch-size", "4"]
-    run_train(*args, "--log-dir", str(tmp_path / "unbroken"), nproc=2)
-    d = tmp_path / "run"
-    p = run_train(*args, "--log-dir", str(d), nproc=2, sigterm_at=5)  # to both ranks, as torchrun passes it on
-    assert "stopped by signal after step 5" in p.stdout and tg.checkpoint_steps(str(d)) == [6]
-    run_train(*args, "--log-dir", str(d), "--resume", "auto", nproc=2)
-    assert_same_records(tmp_path / "unbroken", d)
+DDP = [*ARGS, "--max-steps", "12", "--val-every", "4", "--batch-size", "4", "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def unbroken_ddp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("unbroken_ddp")
+    run_train(*DDP, "--log-dir", str(d), nproc=2)
+    return d
+
+
+def test_torchrun_restarts_a_lost_rank_and_the_run_ends_as_an_unbroken_one(unbroken_ddp, tmp_path):
+    """torchrun --max-restarts 1 with --resume auto: rank 1 is SIGKILLed during step 6 (the first
+    attempt only); torchrun stops rank 0 and starts both again, which resume from step 4."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", os.path.join(ROOT, "tests", "patched_train.py"), *DDP, "--resume", "auto",
+           "--log-dir", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, env={**env1(), "PATCH_SIGKILL_AT": "6"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout  # the second attempt
+    assert_same_records(unbroken_ddp, tmp_path)
+
+
+def test_two_nodes_without_a_shared_disk_resume_from_the_one_that_has_the_checkpoint(unbroken_ddp, tmp_path):
+    """Two torchrun "nodes" (one process each) in two folders, so only rank 0's folder gets the
+    checkpoints. Both are stopped by SIGTERM after step 5; they restart with their node ranks swapped:
+    the new rank 0 has no checkpoint and receives it from rank 1. log.txt goes on in the new rank
+    0's folder; together the two logs are the unbroken run's."""
+    import socket
+
+    def nodes(ranks, *extra, **env):
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for folder, rank in ranks:
+            folder.mkdir(exist_ok=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                   "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   os.path.join(ROOT, "tests", "patched_train.py"), *DDP, "--log-dir", "log", *extra]
+            procs.append(subprocess.Popen(cmd, cwd=folder, env={**env1(), **env}, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+        return outs[0][0]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = nodes([(a, 0), (b, 1)], PATCH_SIGTERM_AT="5")
+    assert "stopped by signal after step 5" in out
+    assert tg.checkpoint_steps(str(a / "log")) == [4, 6] and not tg.checkpoint_steps(str(b / "log"))
+    out = nodes([(b, 0), (a, 1)], "--resume", "auto")  # rank 0 now runs in b
+    assert "read by rank 1, sent to the ranks without it" in out and "at step 6" in out
+    records = [r for r in read_log(a / "log") if r[0] < 6] + read_log(b / "log")
+    assert records == read_log(unbroken_ddp)
+    assert tg.checkpoint_steps(str(b / "log")) == [8, 12]  # new checkpoints: where rank 0 is
 
 
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path):

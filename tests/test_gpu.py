@@ -109,8 +109,42 @@ def test_cuda_gpt2_124m_compiled_run_of_the_script(tmp_path):
     micro = re.search(r"--batch-size auto: micro-batch (\d+)", p.stdout)
     assert done and micro, p.stdout[-3000:]
     print(f"\nGPT-2 124M on {torch.cuda.get_device_name()}, micro-batch {micro[1]}: {done[0]}")
+    # training's own peak, not the probe's (which tries sizes until one fits, near the whole memory)
+    peak = float(re.search(r"peak memory ([\d.]+) GiB", done[0])[1]) * 2**30
+    assert peak < 0.9 * torch.cuda.get_device_properties(0).total_memory
     train = read_log(tmp_path, "train")
     assert len(train) == 20 and train[19] < train[0] - 1
+
+
+@cuda
+def test_cuda_training_step_queues_its_work_without_waiting():
+    """The step's parts (the loader's pinned copy, forward and backward with DDP's micro-steps, the
+    scaler, clipping, the fused AdamW) never make the host wait for the GPU: under sync debug mode
+    "error" a synchronizing call raises. The loop's one wait is its single read of the step's stats."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)).to(device)
+    tokens = np.random.default_rng(0).integers(0, 50257, 100_000, dtype=np.uint16)
+    loader = tg.DataLoader([tokens], ["random tokens"], B=8, T=64, grad_accum_steps=2)
+    optimizer = model.configure_optimizer(0.1, 1e-3, "cuda")
+    dtype = tg.autocast_dtype(device)
+    autocast, scaler = tg.autocast_context("cuda", dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    for _ in range(3):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            loss = tg.forward_backward(model, loader, 2, device, autocast, scaler)
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            stats = torch.stack([loss, norm.float(), torch.full((), 0.0, device=device)])
+            if not scaler.is_enabled():  # fp16 (GPUs before Ampere): the scaler reads found_inf
+                scaler.step(optimizer)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        loss, norm, stop = stats.tolist()  # the one read
+        assert loss == loss and norm == norm
 
 
 @cuda

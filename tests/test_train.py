@@ -506,3 +506,18 @@ def test_bf16_on_the_cpu_trains_like_fp32_and_scores_hellaswag_alike(tmp_path, h
     same = sum(a == b for a, b in zip(preds[torch.float32], preds[torch.bfloat16]))
     print(f"HellaSwag predictions the same in bf16 as in fp32: {same}/40")
     assert same >= 38  # measured: 40/40; bf16 may flip a near tie
+
+
+def test_a_training_step_waits_for_the_device_once(monkeypatch, tmp_path):
+    """The loss, the gradient norm and the stop flag come to the host in one read a step (on a GPU
+    each read stalls the queue of kernels): every way a tensor's value reaches Python is counted."""
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+        return lambda self, *args, **kwargs: (reads.append(name), original(self, *args, **kwargs))[1]
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    run_train(*TINY, "--batch-size", "4", "--max-steps", "6", "--log-dir", str(tmp_path))  # 2 micro-steps
+    assert reads == ["tolist"] * 6, reads
