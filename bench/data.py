@@ -20,7 +20,7 @@ import hashlib
 import os
 import sys
 
-from fineweb import download
+from fineweb import UserError, download
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -58,7 +58,7 @@ def check(name: str, path: str):
 
     try:
         count = len(hellaswag.load_examples(path))
-    except hellaswag.HellaSwagError as e:  # a line cut in the middle is not JSON
+    except UserError as e:  # a line cut in the middle is not JSON
         raise DataError(str(e)) from None
     if count != HELLASWAG_VAL_EXAMPLES:
         raise DataError(f"{path}: {count:,} HellaSwag examples, the validation set has "
