@@ -96,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_PROJECTION = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, attn_mask=None, kv_cache=None):
         B, T, C = x.size()  # batch, time (sequence length), channels (n_embd)
         nh, hs = self.n_head, C // self.n_head  # number of heads, head size
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
@@ -110,9 +110,11 @@ class CausalSelfAttention(nn.Module):
                 assert T == 1, "after a cached prefix, one new token at a time"
             kv_cache[self.layer_idx] = (k, v)
         # flash attention on a GPU: the (T, T) matrix is never stored. Causal: token t sees
-        # tokens 0..t (a single new token of generation sees everything cached)
+        # tokens 0..t (a single new token of generation sees everything cached). HellaSwag's
+        # packed rows bring their own mask.
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                           is_causal=T > 1 and attn_mask is None)
         # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): the heads' outputs side by side
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -128,8 +130,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -174,18 +176,20 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx, kv_cache=None):
-        """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T), after any cached tokens."""
+    def hidden_states(self, idx, pos=None, attn_mask=None, kv_cache=None):
+        """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T), after any cached tokens.
+        HellaSwag's packed rows pass their position ids (B, T) and boolean attn_mask (B, 1, T, T)."""
         B, T = idx.size()
         past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] is not None else 0
-        if past + T > self.config.block_size:
+        if pos is None and past + T > self.config.block_size:
             bs = self.config.block_size
             raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size "
                              f"{bs}: crop the input to the last {bs} tokens")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        if pos is None:
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache=kv_cache)
+            x = block(x, attn_mask, kv_cache)
         return self.transformer.ln_f(x)
 
     def padded_logits(self, x):  # hidden states (..., C) -> (..., padded V), -inf on the padding
@@ -198,7 +202,7 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy or None). Targets
         of -1 are ignored. Training passes return_logits=False: a compiled model that returns the
         logits also runs their (zero) gradient through backward."""
-        logits = self.padded_logits(self.hidden_states(idx, kv_cache))  # (B, T, padded V)
+        logits = self.padded_logits(self.hidden_states(idx, kv_cache=kv_cache))  # (B, T, padded V)
         loss = None
         if targets is not None:  # in fp32, also under autocast: a sum over 50k probabilities
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
