@@ -137,8 +137,7 @@ class Block(nn.Module):
 
 
 # Hugging Face's GPT-2 stores these as Conv1D, whose weight is (in, out): nn.Linear's transposed.
-HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                     "mlp.c_proj.weight")
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -220,8 +219,7 @@ class GPT(nn.Module):
         N = self.num_params(include_position_embeddings=False)
         return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def configure_optimizer(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95),
-                            eps=1e-8):
+    def configure_optimizer(self, weight_decay, learning_rate, device_type, betas=(0.9, 0.95), eps=1e-8):
         """AdamW; weight decay on matrices and embeddings (2-D), none on biases and LayerNorm."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -281,12 +279,8 @@ class GPT(nn.Module):
     def hf_state_dict(self) -> dict:
         """Our weights as GPT2LMHeadModel names them: views of our tensors (Conv1D weights
         transposed, the padded vocabulary rows left out)."""
-        out = {}
-        for k, v in self.state_dict(keep_vars=True).items():
-            v = v.detach()
-            out[k] = v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v
-        out["transformer.wte.weight"] = out["lm_head.weight"] = out["lm_head.weight"][
-            : self.config.vocab_size]
+        out = {k: v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v for k, v in self.state_dict().items()}
+        out["transformer.wte.weight"] = out["lm_head.weight"] = out["lm_head.weight"][: self.config.vocab_size]
         return out
 
     def export_hf(self, out_dir: str):
@@ -442,8 +436,7 @@ class DataLoader:
 
     def state_dict(self):
         assert self.micro_step == 0, "save the loader between optimizer steps"
-        return {"position": self.position, "seqs_per_step": self.seqs_per_step, "seq_len": self.T,
-                "seed": self.seed}
+        return {"position": self.position}
 
     def load_state_dict(self, state):
         self.position, self.micro_step = int(state["position"]), 0
@@ -701,7 +694,9 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     print0(f"device: {d.device} x {d.world_size} process(es), autocast: {str(prep.dtype)[6:]}"
            f"{' with loss scaling' if scaler.is_enabled() else ''}, compile: {use_compile}, "
            f"deterministic: {torch.are_deterministic_algorithms_enabled()}")
-    log = start_log(cfg, d, prep, start_step)  # log.txt from here on; --overwrite takes effect
+    on_rank0(d, lambda: clear_folder(cfg.log_dir, cfg.overwrite))  # --overwrite takes effect now
+    log = RunLog(cfg.log_dir if d.is_main else None, run_header(cfg, d),
+                 start_step if prep.ckpt_path else None, cfg.tensorboard)
     # MFU against the GPU's bf16 (fp16) peak: none for fp32
     peak = d.device_type == "cuda" and prep.dtype != torch.float32 and peak_flops(
         torch.cuda.get_device_name(d.device))
@@ -784,10 +779,15 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     if bad_in_a_row:
         raise UserError(f"the last step ({cfg.max_steps - 1}) was skipped: its loss was not "
                         f"finite; {last_good(cfg.log_dir)}")
-    print0(run_summary(step_times, cfg, d, peak, flops_per_token))
-    if cfg.export_hf and d.is_main:
-        raw_model.export_hf(cfg.export_hf)
-        print0(f"exported the model in Hugging Face format to {cfg.export_hf}")
+    times = sorted(step_times[1:] or step_times) or [math.nan]  # the median leaves out the first step
+    tokens_per_sec = cfg.total_batch_size / times[len(times) // 2]  # (it compiles)
+    done = f"done: {len(step_times)} steps, median {1000 * times[len(times) // 2]:.1f} ms/step, {tokens_per_sec:,.0f} tokens/s"
+    if peak:
+        done += f", mfu {100 * flops_per_token * tokens_per_sec / d.world_size / peak:.1f}%"
+    if d.device_type == "cuda":
+        done += f", peak memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB"
+    print0(done)
+    return raw_model
 
 
 # ================================================================================================
@@ -1172,14 +1172,12 @@ def find_resume_checkpoint(cfg: RunConfig, d: Dist) -> tuple[str | None, dict | 
     offers = [mine] * d.world_size
     if d.ddp:
         dist.all_gather_object(offers, mine)
-    if max(offers) < 0 and cfg.resume != "auto":
-        read_checkpoint(cfg.resume)  # no rank has it: its error
-    if max(offers) < 0:
+    if max(offers) < 0 and cfg.resume == "auto":
         if cfg.eval_only:
             raise UserError(f"--resume auto: no checkpoint in {cfg.log_dir}")
         print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
         return None, None
-    if all(offer == max(offers) for offer in offers):  # one disk, or the same file on each
+    if all(offer == max(offers) for offer in offers):  # one disk, the same file on each, or none
         return path, read_checkpoint(path)
     box, src = [path, None], offers.index(max(offers))
     if d.rank == src:
@@ -1310,31 +1308,25 @@ def print0(*args):
 
 
 class RunLog:
-    """LOG_DIR/log.txt, one `STEP KIND VALUE` per line, and with --tensorboard the same values (and
-    lr, grad norm, tokens/s, MFU) as TensorBoard scalars. Without log_dir it only prints."""
+    """LOG_DIR/log.txt, one `STEP KIND VALUE` per line after a header, and with --tensorboard the same
+    values (and lr, grad norm, tokens/s, MFU) as TensorBoard scalars; without log_dir it only prints.
+    A resumed run keeps the records before resume_step (the later ones came from the lost part)."""
 
-    def __init__(self, log_dir: str | None, tensorboard: bool = False):
-        self.log_dir, self.tensorboard, self.writer = log_dir, tensorboard, None
-        self.path = os.path.join(log_dir, "log.txt") if log_dir else None
-
-    def start(self, header_lines, resume_step=None):
-        """Write the header; a resumed run keeps the records before resume_step (the later ones
-        came from the lost part of the run)."""
+    def __init__(self, log_dir=None, header_lines=(), resume_step=None, tensorboard=False):
+        self.path, self.writer = log_dir and os.path.join(log_dir, "log.txt"), None
         if self.path is None:
             return
         kept = []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    record = LOG_RECORD.fullmatch(line.strip())
-                    if line.startswith("#") or (record and int(record[1]) < resume_step):
-                        kept.append(line)
+                kept = [line for line in f if line.startswith("#") or (
+                    (record := LOG_RECORD.fullmatch(line.strip())) and int(record[1]) < resume_step)]
         text = "".join(kept + [f"# {h}\n" for h in header_lines]).encode()
         atomic_write(self.path, lambda f: f.write(text))
-        if self.tensorboard:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step: TensorBoard hides the lost part's points, so the curves continue
-            self.writer = SummaryWriter(self.log_dir, purge_step=resume_step)
+            self.writer = SummaryWriter(log_dir, purge_step=resume_step)
 
     def record(self, step: int, kind: str, value: float, line: str | None = None):
         """A `STEP KIND VALUE` record; `line` is printed as `step STEP | line`."""
@@ -1358,14 +1350,6 @@ class RunLog:
             self.writer.close()
 
 
-def start_log(cfg: RunConfig, d: Dist, prep: Prepared, start_step: int) -> RunLog:
-    """Once everything is checked and built: --overwrite takes effect, log.txt starts."""
-    on_rank0(d, lambda: clear_folder(cfg.log_dir, cfg.overwrite))
-    log = RunLog(cfg.log_dir if d.is_main else None, cfg.tensorboard)
-    log.start(run_header(cfg, d), resume_step=start_step if prep.ckpt_path else None)
-    return log
-
-
 def run_header(cfg: RunConfig, d: Dist) -> list[str]:
     import platform
     import subprocess
@@ -1382,19 +1366,6 @@ def run_header(cfg: RunConfig, d: Dist) -> list[str]:
             f"{np.__version__}, tiktoken {tiktoken.__version__}",
             f"device: {device} x {d.world_size}",
             f"git: {git or 'unknown'}"]
-
-
-def run_summary(step_times: list, cfg: RunConfig, d: Dist, peak: float | None, flops_per_token):
-    """The median step (leaving out the first, which compiles), MFU and training's peak memory."""
-    times = sorted(step_times[1:] or step_times) or [math.nan]
-    tokens_per_sec = cfg.total_batch_size / times[len(times) // 2]
-    line = (f"done: {len(step_times)} steps, median {1000 * times[len(times) // 2]:.1f} ms/step, "
-            f"{tokens_per_sec:,.0f} tokens/s")
-    if peak:
-        line += f", mfu {100 * flops_per_token * tokens_per_sec / d.world_size / peak:.1f}%"
-    if d.device_type == "cuda":
-        line += f", peak memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB"
-    return line
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1466,10 +1437,9 @@ def auto_micro_batch(cfg: RunConfig, model: GPT, d: Dist, autocast) -> int:
 
 
 def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve_bytes: int):
-    """(the largest micro-batch dividing per_rank_seqs that trains in memory, or 0; the sizes that
-    did not). Tries a forward and backward pass with reserve_bytes held aside (the optimizer's
-    state), uncompiled (more memory than compiled), on zeros, under a forked random state, so the
-    run is as with --batch-size B; halves B on an out-of-memory error."""
+    """(the largest micro-batch dividing per_rank_seqs that trains in memory, or 0; those that did
+    not): a forward and backward pass, uncompiled (more memory than compiled), with reserve_bytes held
+    aside (the optimizer's state), on zeros, under a forked random state; B halves after each OOM."""
 
     def fits(B):
         try:
@@ -1499,9 +1469,8 @@ def fit_micro_batch(model, per_rank_seqs: int, T: int, device, autocast, reserve
 
 
 def keep_freed_memory():
-    """Speed on Linux CPUs: glibc maps each allocation above 32 MB afresh and unmaps it on free, and
-    the kernel zeroes every new page, so a third of a CPU step went to page faults on the logits
-    (README: speed). This keeps freed memory in the process. No effect without glibc."""
+    """Speed on Linux CPUs: glibc maps each allocation over 32 MB afresh and the kernel zeroes every new
+    page: a third of a CPU step went to page faults on the logits (README). Freed memory stays here."""
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -1518,10 +1487,9 @@ def keep_freed_memory():
 # accumulation, or fp16 on GPUs older than Ampere (V100, T4). From NVIDIA's data sheets.
 GPU_PEAK_FLOPS = {
     "H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12,
-    "GH200": 989e12, "H800": 989e12, "H800 PCIe": 756e12, "B200": 2250e12,
-    "A100": 312e12, "A800": 312e12, "A10": 125e12, "A40": 149.7e12, "RTX A6000": 154.8e12,
-    "L4": 121e12, "L40": 181e12, "L40S": 362e12, "RTX 6000": 364.2e12,  # RTX 6000 = RTX 6000 Ada
-    "RTX 3090": 71e12, "RTX 4090": 165.2e12,
+    "GH200": 989e12, "H800": 989e12, "H800 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+    "A10": 125e12, "A40": 149.7e12, "RTX A6000": 154.8e12, "L4": 121e12, "L40": 181e12, "L40S": 362e12,
+    "RTX 6000": 364.2e12, "RTX 3090": 71e12, "RTX 4090": 165.2e12,  # RTX 6000 = RTX 6000 Ada
     "V100": 125e12, "V100 PCIe": 112e12, "V100S": 130e12, "T4": 65e12,
 }
 
@@ -1569,11 +1537,9 @@ def evaluate_only(cfg: RunConfig, d: Dist, prep: Prepared):
     loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size,
                         shuffle=False)
     kinds = ["val"] * bool(cfg.val_every) + ["hella"] * bool(cfg.hellaswag_every) + ["sample"]
-    evaluate(step, kinds, model, model, loader, cfg, d, prep,
-             autocast_context(d.device_type, prep.dtype), RunLog(None))
-    if cfg.export_hf and d.is_main:
-        model.export_hf(cfg.export_hf)
-        print0(f"exported the model in Hugging Face format to {cfg.export_hf}")
+    evaluate(step, kinds, model, model, loader, cfg, d, prep, autocast_context(d.device_type, prep.dtype),
+             RunLog())
+    return model
 
 
 def main(argv=None):
@@ -1590,7 +1556,9 @@ def main(argv=None):
             keep_freed_memory()
         prep = Prepared(dtype=autocast_dtype(d.device, cfg.dtype))
         preflight(cfg, d, prep)
-        (evaluate_only if cfg.eval_only else train)(cfg, d, prep)
+        model = (evaluate_only if cfg.eval_only else train)(cfg, d, prep)  # None if stopped
+        if model is not None and cfg.export_hf and d.is_main:
+            print0(f"exported the model in Hugging Face format to {model.export_hf(cfg.export_hf)}")
     except UserError as e:
         print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1 if d is not None else 2)
