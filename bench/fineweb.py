@@ -283,7 +283,7 @@ def main():
             f"({info['copies']} copies of {args.data_dir or 'the test data'}); {cpu} CPUs; workers {args.workers}; "
             f"shards of {args.shard_size:,} tokens; best of {args.repeat}"
         )
-        batch = fineweb.BuildConfig.batch_chars
+        batch = fineweb.BATCH_CHARS
         methods = {
             "(a) fineweb": lambda run: run_fineweb(corpus, os.path.join(tmp, f"a{run}"), args.shard_size, args.workers),
             f"(b) simple, {max(1, cpu // 2)} procs":
