@@ -1,6 +1,7 @@
 """The training half of train_gpt2.py: loader, schedule, accumulation, DDP, compile, CLI."""
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -389,12 +390,66 @@ def test_fp16_trains_on_cpu_through_overflows(tmp_path):
     assert tg.read_checkpoint(tg.latest_checkpoint(str(tmp_path)))["scaler"]["scale"] < 2.0**23  # lowered
 
 
-def test_help_and_readme_name_the_same_flags():
+def readme_commands(script):
+    """The arguments of each `python|torchrun ... SCRIPT ARGS` line of the README's bash blocks."""
+    import re
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if script in words and "..." not in words:
+            commands.append(words[words.index(script) + 1 :])
+    return commands
+
+
+def test_readme_names_every_flag_and_its_commands_parse():
     readme = open(os.path.join(ROOT, "README.md")).read()
     flags = [a.option_strings[0] for a in tg.make_parser()._actions if a.option_strings[0] != "-h"]
-    assert len(flags) > 30
     missing = [f for f in flags if f not in readme]
-    assert not missing, f"flags of train_gpt2.py --help that the README does not mention: {missing}"
+    assert len(flags) > 30 and not missing, f"flags of train_gpt2.py --help the README does not mention: {missing}"
+    commands = readme_commands("train_gpt2.py")
+    assert len(commands) >= 8
+    for args in commands:
+        tg.parse_args(args)  # argparse and the checks of several flags: a typo fails here
+    for args in readme_commands("hellaswag.py"):
+        hellaswag.parse_args(args)
+    import fineweb
+
+    fineweb_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(fineweb.BuildConfig)} | {"--verify"}
+    for args in readme_commands("fineweb.py"):
+        assert {a for a in args if a.startswith("--")} <= fineweb_flags, args
+
+
+def test_readme_sections_of_train_gpt2_are_its_sections():
+    """"How to read the code" names the rulers' titles of train_gpt2.py, in their order."""
+    import re
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    how = readme.split("## How to read the code")[1].split("\n## ")[0]
+    named = [t.replace("\n", " ") for t in re.findall(r"(?<!\*)\*([^*\s][^*]*?)\*(?!\*)", how)]
+    lines = open(os.path.join(ROOT, "train_gpt2.py")).read().splitlines()
+    titles = [lines[i + 1][2:] for i, line in enumerate(lines[:-1]) if line.startswith("# ----") and
+              lines[i + 1].startswith("# ")]
+    starts = [next(t for t in titles if t.startswith(name)) for name in named]
+    assert len(named) >= 10 and starts == sorted(starts, key=titles.index), (named, titles)
+    loop = next(i for i, line in enumerate(lines) if line.strip().startswith("for step in range("))
+    assert loop < lines.index("# PART 2: RUNNING IT FOR REAL") < 900 + 700
+
+
+def test_readme_opens_the_notebook_with_a_program_the_install_brings():
+    """The README's `LOG_DIR=log jupyter notebook play.ipynb`: requirements.txt brings that program."""
+    import shutil
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "LOG_DIR=log jupyter notebook play.ipynb" in readme
+    assert "notebook" in open(os.path.join(ROOT, "requirements.txt")).read().split()  # not only a kernel
+    jupyter = shutil.which("jupyter", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    p = subprocess.run([jupyter, "notebook", "--version"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip()[0].isdigit(), p.stderr
 
 
 # --- GPU readiness, as far as a CPU can show it -----------------------------------------------------
@@ -465,19 +520,6 @@ def test_miniseries_presets_have_gpt2s_shapes_and_pass_preflight(preset, hf_shap
     os.close(prep.lock)
     assert tg.count_sequences(prep.train[0], cfg.seq_len) * cfg.seq_len >= cfg.total_batch_size
     assert prep.val_seqs >= 1 and len(prep.hellaswag) == 300
-
-
-def test_readme_names_where_the_two_parts_of_train_gpt2_begin():
-    """README's "How to read the code" gives Part 1's line range and where Part 2 starts."""
-    import re
-
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    lines = open(os.path.join(ROOT, "train_gpt2.py")).read().splitlines()
-    part2 = lines.index("# PART 2: RUNNING IT FOR REAL")  # 0-based: the ruler above it is line part2
-    loop = next(i for i, line in enumerate(lines) if line.strip().startswith("for step in range("))
-    assert loop < part2 - 3  # the training loop is in Part 1
-    m = re.search(r"\(lines\s+1-(\d+)\).*?\(from line (\d+)\)", readme, re.S)
-    assert m and (int(m[1]), int(m[2])) == (part2 - 2, part2), (m and m.groups(), part2)
 
 
 def test_bf16_on_the_cpu_trains_like_fp32_and_scores_hellaswag_alike(tmp_path, hellaswag_val):
