@@ -9,12 +9,11 @@ command line, pre-flight checks, checkpoints and the run folder, the log, signal
     python train_gpt2.py                                   # one GPU: GPT-2 124M on FineWeb-Edu
     torchrun --standalone --nproc_per_node=8 train_gpt2.py                # eight GPUs: 10B tokens
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --preset gpt2-350m   # the miniseries
-    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py --resume auto  # crashes
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train_gpt2.py --resume auto  # README
     python train_gpt2.py --init-from gpt2 --max-lr 1e-4 ...         # fine-tune OpenAI's weights
     python train_gpt2.py --eval-only --resume auto --export-hf my-gpt2  # evaluate, sample, export
 
-Every flag: python train_gpt2.py --help; the README is the manual. A run writes log.txt (one
-`STEP KIND VALUE` record per line), checkpoints and TensorBoard curves into --log-dir.
+Every flag: python train_gpt2.py --help; the README is the manual.
 """
 import argparse
 import datetime
@@ -67,8 +66,7 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = self.vocab_multiple
-        return (self.vocab_size + m - 1) // m * m
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
 
 class MLP(nn.Module):
@@ -174,14 +172,13 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, idx, pos=None, attn_mask=None, kv_cache=None):
-        """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T), after any cached tokens.
-        HellaSwag's packed rows pass their position ids (B, T) and boolean attn_mask (B, 1, T, T)."""
+        """Final-LayerNorm outputs (B, T, C) for tokens idx (B, T), after any cached tokens (HellaSwag's
+        packed rows bring position ids (B, T) and a boolean attn_mask (B, 1, T, T))."""
         B, T = idx.size()
         past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] is not None else 0
         if pos is None and past + T > self.config.block_size:
-            bs = self.config.block_size
             raise ValueError(f"sequence of {past + T} tokens is longer than the model's block_size "
-                             f"{bs}: crop the input to the last {bs} tokens")
+                             f"{self.config.block_size}: crop it to the last block_size tokens")
         if pos is None:
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
@@ -210,9 +207,8 @@ class GPT(nn.Module):
         return n if include_position_embeddings else n - self.transformer.wpe.weight.numel()
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token, as in the PaLM paper (appendix B): 6N + 12 * n_layer * n_embd
-        * T, N the parameters but the position table; 6 = 2 (multiply-add) x 3 (forward, backward
-        for inputs and weights); the second term is attention's QK^T and AV."""
+        """Training FLOPs per token (PaLM, appendix B): 6N + 12 * n_layer * n_embd * T, N the parameters
+        but the position table, 6 = 2 (multiply-add) x 3 (forward, backward); then attention's QK^T, AV."""
         T = seq_len or self.config.block_size
         N = self.num_params(include_position_embeddings=False)
         return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
@@ -222,9 +218,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # the fused kernel updates each tensor in one pass instead of one kernel per operation
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        # fused: each tensor updated in one pass instead of one kernel per operation
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type in ("cuda", "cpu"))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
@@ -275,8 +270,7 @@ class GPT(nn.Module):
         return model
 
     def hf_state_dict(self) -> dict:
-        """Our weights as GPT2LMHeadModel names them: views of our tensors (Conv1D weights
-        transposed, the padded vocabulary rows left out)."""
+        """Views of our weights under GPT2LMHeadModel's names (Conv1D weights transposed, no padding)."""
         out = {k: v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v for k, v in self.state_dict().items()}
         out["transformer.wte.weight"] = out["lm_head.weight"] = out["lm_head.weight"][: self.config.vocab_size]
         return out
@@ -481,9 +475,8 @@ def validation_loss(model, loader: DataLoader, num_seqs: int, device, autocast) 
 
 
 def evaluate(step, kinds, model, raw_model, val_loader, cfg, d, prep, autocast, log):
-    """The evaluations of `kinds` ("val", "hella", "sample") at `step`, logged; returns the val loss
-    (or None). HellaSwag and sampling change shapes with every batch, which a compiled model would
-    recompile for: they use the raw model, which shares the compiled one's weights."""
+    """The evaluations of `kinds` ("val", "hella", "sample") at `step`, logged; returns the val loss or
+    None. HellaSwag and sampling change shapes every batch (a compiled model would recompile): raw model."""
     val_loss = None
     if "val" in kinds:
         model.eval()  # dropout off
@@ -524,9 +517,8 @@ class Dist:
 
 
 def setup_distributed(device_arg: str = "auto", timeout_minutes: float = 10) -> Dist:
-    """The one setup of processes and devices (training, hellaswag.py): detect torchrun (RANK,
-    LOCAL_RANK, WORLD_SIZE in the environment), pick the device, and join the process group: NCCL on
-    CUDA, gloo on CPU. A collective that waits longer than timeout_minutes fails the run."""
+    """The one setup of processes and devices (training, hellaswag.py): torchrun's ranks, the device,
+    the process group (NCCL on CUDA, gloo on CPU; a collective waiting over timeout_minutes fails)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if device_arg == "auto":
         device_arg = next(kind for kind, here in available.items() if here)
@@ -607,7 +599,7 @@ def forward_backward(model, loader, grad_accum_steps: int, device, autocast, sca
         # DDP averages the gradients over the ranks during backward; only the last micro-step
         # needs that: before it, no_sync() (entered before the forward pass) lets them pile up
         last = micro_step == grad_accum_steps - 1
-        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+        with ddp.no_sync() if ddp and not last else nullcontext():
             with autocast:
                 _, loss = model(x, y, return_logits=False)
             # backward adds gradients up: dividing each micro-batch's mean loss by the number of
@@ -638,8 +630,7 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     check_seq_len(cfg, raw_model)
     raw_model.to(d.device)  # saved, sampled; `model` (below) is the same weights compiled, wrapped
     # TF32: the fp32 matmuls left outside autocast run on tensor cores (with a 10-bit mantissa)
-    tf32 = d.device_type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = d.device_type == "cuda"
     autocast = autocast_context(d.device_type, prep.dtype)  # around every forward pass
     flops_per_token = raw_model.flops_per_token(T)
     print0(f"model: {raw_model.num_params():,} parameters, {flops_per_token / 1e6:.1f} MFLOP/token")
@@ -666,20 +657,16 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
     scaler = torch.amp.GradScaler(d.device_type, enabled=prep.dtype == torch.float16)
 
     # --- resume ----------------------------------------------------------------------------
-    # weights, optimizer moments, loss scale, data position and random states: the run goes on
-    # as if it had never stopped
+    # weights, optimizer moments, loss scale, data position, random states: as if it never stopped
     start_step, val_loss, skipped = 0, None, 0
     if prep.ckpt is not None:
-        start_step, val_loss, skipped = resume(prep, raw_model, optimizer, scaler, train_loader,
-                                               d)
+        start_step, val_loss, skipped = resume(prep, raw_model, optimizer, scaler, train_loader, d)
 
     # --- compile and DDP -------------------------------------------------------------------
     # DDP first, then the compiler, as PyTorch documents it: the compiler then splits the
     # backward pass at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest
-    ddp = None
-    if d.ddp:
-        ddp = DDP(raw_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
-                  gradient_as_bucket_view=True)
+    ddp = d.ddp and DDP(raw_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None,
+                        gradient_as_bucket_view=True)
     model = ddp or raw_model
     # default: on CUDA GPUs of compute capability 7.0 and up, the oldest that Triton supports
     use_compile = cfg.compile if cfg.compile is not None else (
@@ -776,7 +763,8 @@ def train(cfg: "RunConfig", d: Dist, prep: "Prepared"):
                         f"finite; {last_good(cfg.log_dir)}")
     times = sorted(step_times[1:] or step_times) or [math.nan]  # the median leaves out the first step
     tokens_per_sec = cfg.total_batch_size / times[len(times) // 2]  # (it compiles)
-    done = f"done: {len(step_times)} steps, median {1000 * times[len(times) // 2]:.1f} ms/step, {tokens_per_sec:,.0f} tokens/s"
+    done = (f"done: {len(step_times)} steps, median {1000 * times[len(times) // 2]:.1f} ms/step, "
+            f"{tokens_per_sec:,.0f} tokens/s")
     if peak:
         done += f", mfu {100 * flops_per_token * tokens_per_sec / d.world_size / peak:.1f}%"
     if d.device_type == "cuda":
@@ -897,8 +885,7 @@ def make_parser() -> OneLineParser:
 
 
 def parse_args(argv=None) -> RunConfig:
-    """Flags over the preset over the defaults (argparse checks each flag's range), then the
-    checks that involve several flags."""
+    """Flags over the preset over the defaults (argparse checks each range), then cross-flag checks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     given = given_flags(make_parser().parse_args(argv))
     preset = given.get("preset") or ("shakespeare" if given.get("input") else RunConfig.preset)
@@ -1078,10 +1065,7 @@ def read_checkpoint(path: str) -> dict:
 
 def model_from_checkpoint(ckpt: dict, path: str, dropout: float | None = None) -> GPT:
     try:
-        config = GPTConfig(**ckpt["model_config"])
-        if dropout is not None:
-            config.dropout = dropout
-        model = GPT(config)
+        model = GPT(GPTConfig(**{**ckpt["model_config"], **({} if dropout is None else {"dropout": dropout})}))
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path}: a damaged checkpoint ({one_line(e)})") from None
@@ -1390,10 +1374,8 @@ def on_rank0(d: Dist, work):
     if d.is_main:
         try:
             result = work()
-        except UserError as e:
-            error = e
-        except OSError as e:
-            error = UserError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
+        except (UserError, OSError) as e:
+            error = e if isinstance(e, UserError) else UserError(f"{e.filename or 'the run folder'}: {e.strerror or e}")
     if d.ddp:
         failed = [error is not None]
         dist.broadcast_object_list(failed, src=0)
