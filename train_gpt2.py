@@ -151,11 +151,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # weight tying: the output projection is the token embedding table (GPT-2 does this)
         self.transformer.wte.weight = self.lm_head.weight
-        # Speed: 0 for real tokens, -inf for the padded rows, added in the lm_head matmul: the
-        # softmax is the one over the real vocabulary without a copy of the logits (README: speed)
-        vocab_bias = torch.zeros(config.padded_vocab_size)
-        vocab_bias[config.vocab_size :] = float("-inf")
-        self.register_buffer("vocab_bias", vocab_bias, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -187,7 +182,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def padded_logits(self, x):  # hidden states (..., C) -> (..., padded V), -inf on the padding
-        return F.linear(x, self.lm_head.weight, self.vocab_bias)
+        # Speed: the -inf bias is added inside the lm_head matmul, so the softmax is the one over the
+        # real vocabulary without a copy of the logits (README). Not a buffer: DDP would sync it.
+        bias = torch.full((self.config.padded_vocab_size,), float("-inf"), device=x.device)
+        bias[: self.config.vocab_size] = 0.0
+        return F.linear(x, self.lm_head.weight, bias)
 
     def logits(self, x):  # hidden states (..., C) -> logits over the real vocabulary (..., V)
         return self.padded_logits(x)[..., : self.config.vocab_size]
@@ -326,8 +325,8 @@ def open_shard(path: str) -> np.ndarray:
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"{path}: shard has dtype {tokens.dtype} and shape {tokens.shape}, "
                         f"expected 1-D uint16; {fix}")
-    if hasattr(mmap, "MADV_RANDOM"):  # sequences are read at random places: no read-ahead around
-        tokens._mmap.madvise(mmap.MADV_RANDOM)  # each (Linux reads up to 8 MB for one 2 KB sequence)
+    if hasattr(mmap, "MADV_RANDOM") and getattr(tokens, "_mmap", None):  # read at random places: no
+        tokens._mmap.madvise(mmap.MADV_RANDOM)  # read-ahead (Linux reads 8 MB for a 2 KB sequence)
     starts = np.linspace(0, max(0, len(tokens) - SHARD_CHECK_TOKENS), SHARD_CHECK_WINDOWS)
     top = max((int(tokens[s : s + SHARD_CHECK_TOKENS].max()) for s in starts.astype(np.int64)
                if len(tokens)), default=0)
@@ -479,9 +478,10 @@ def evaluate(step, kinds, model, raw_model, val_loader, cfg, d, prep, autocast, 
     None. HellaSwag and sampling change shapes every batch (a compiled model would recompile): raw model."""
     val_loss = None
     if "val" in kinds:
+        was_training = raw_model.training
         model.eval()  # dropout off
         val_loss = validation_loss(model, val_loader, prep.val_seqs, d.device, autocast)
-        model.train(raw_model.training)
+        model.train(was_training)
         log.record(step, "val", val_loss, f"val loss {val_loss:.4f}")
     if "hella" in kinds:
         result = hellaswag.evaluate(raw_model, prep.hellaswag, device=d.device,
@@ -1001,13 +1001,11 @@ def describe(names) -> str:
 
 def read_text(path: str) -> str:
     """The text of --input, checked: a UTF-8 text file."""
-    if os.path.isdir(path):
-        raise UserError(f"{path}: a folder: pass --input with a text file (or build shards with "
-                        f"`python fineweb.py`)")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file: pass --input with a plain text file")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:  # missing, a folder, unreadable
+        raise UserError(f"{path}: {e.strerror.lower()}: pass --input with a UTF-8 text file") from None
     if b"\0" in raw:
         raise UserError(f"{path}: byte {raw.index(0):,} is NUL: a binary file, not text; pass --input "
                         f"with a UTF-8 text file")
@@ -1141,13 +1139,12 @@ def save_checkpoint(log_dir: str, state: dict, keep: int) -> str:
 
 
 def find_resume_checkpoint(cfg: RunConfig, d: Dist) -> tuple[str | None, dict | None]:
-    """(path, contents) of --resume PATH, or of --resume auto: the newest checkpoint in --log-dir on
-    any rank's disk. When some rank cannot read that file (nodes without a shared disk, rank 0 on
-    another node than before), one that can sends its contents to all: every rank resumes alike."""
+    """(path, contents) of --resume PATH, or of --resume auto: the newest checkpoint in --log-dir on any
+    rank's disk; a rank without that file (no shared disk) gets it from one that has it."""
     path = cfg.resume if cfg.resume != "auto" else latest_checkpoint(cfg.log_dir)
     mine = -1  # what this rank can offer: the step of its newest checkpoint (0: --resume PATH)
     if path is not None and os.path.isfile(path):
-        mine = int(CHECKPOINT_NAME.search(path)[1]) if cfg.resume == "auto" else 0
+        mine = int(CHECKPOINT_NAME.fullmatch(os.path.basename(path))[1]) if cfg.resume == "auto" else 0
     offers = [mine] * d.world_size
     if d.ddp:
         dist.all_gather_object(offers, mine)
@@ -1156,19 +1153,23 @@ def find_resume_checkpoint(cfg: RunConfig, d: Dist) -> tuple[str | None, dict | 
             raise UserError(f"--resume auto: no checkpoint in {cfg.log_dir}")
         print0(f"--resume auto: no checkpoint in {cfg.log_dir} yet, starting from scratch")
         return None, None
-    if all(offer == max(offers) for offer in offers):  # one disk, the same file on each, or none
-        return path, read_checkpoint(path)
-    box, src = [path, None], offers.index(max(offers))
-    if d.rank == src:
+    ckpt, error = None, None
+    if mine == max(offers):  # the ranks that have it read it
         try:
-            box[1] = read_checkpoint(path)
+            ckpt = read_checkpoint(path)
         except UserError as e:
-            box[1] = e
+            error = str(e)
+    errors = [error] * d.world_size
+    if d.ddp:  # an error on any rank stops every rank
+        dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UserError(next(e for e in errors if e))
+    if all(offer == max(offers) for offer in offers):  # one disk, or the same file on each
+        return path, ckpt
+    box, src = [path, ckpt], offers.index(max(offers))
     dist.broadcast_object_list(box, src=src)
-    if isinstance(box[1], UserError):
-        raise box[1]
     print0(f"{box[0]}: read by rank {src}, sent to the ranks without it")
-    return box[0], box[1]
+    return (path, ckpt) if mine == max(offers) else tuple(box)
 
 
 def resume(prep: Prepared, model: GPT, optimizer, scaler, train_loader: DataLoader, d: Dist):
@@ -1246,13 +1247,15 @@ def claim_folder(path: str, resuming: bool, overwrite: bool) -> int | None:
     try:
         import fcntl  # not on Windows: there the folder is not locked
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise UserError(f"--log-dir {path}: in use by another run (pid {holder}); wait for it to "
                         f"end, or pass another --log-dir") from None
-    except ImportError:
-        pass
+    except OSError as e:  # a file system without locks (some network mounts)
+        print0(f"warning: --log-dir {path}: not locked ({e.strerror}); one run at a time, please")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     if run_files(path) and not resuming and not overwrite:
@@ -1351,8 +1354,7 @@ def run_header(cfg: RunConfig, d: Dist) -> list[str]:
 
 
 class StopRequest:
-    """SIGTERM or Ctrl-C: the loop finishes its step, saves a checkpoint and exits 0. A second
-    Ctrl-C interrupts at once (exit 130); the last complete checkpoint stays loadable."""
+    """SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit 0; a second Ctrl-C stops at once."""
 
     def __init__(self):
         self.requested = False
@@ -1391,8 +1393,7 @@ def on_rank0(d: Dist, work):
 
 
 def auto_micro_batch(cfg: RunConfig, model: GPT, d: Dist, autocast) -> int:
-    """--batch-size auto: on CUDA the largest micro-batch that fits in every rank's memory;
-    elsewhere the largest divisor of the sequences per rank up to 8."""
+    """--batch-size auto: on CUDA the largest micro-batch that fits on every rank; else a divisor <= 8."""
     per_rank = cfg.total_batch_size // cfg.seq_len // d.world_size
     if d.device_type != "cuda":
         return max(b for b in range(1, min(per_rank, NO_PROBE_MICRO_BATCH) + 1) if per_rank % b == 0)
@@ -1459,8 +1460,7 @@ def keep_freed_memory():
     return bool(ok)
 
 
-# Dense (no sparsity) peak FLOP/s of one GPU at the precision training uses there: bf16 with fp32
-# accumulation, or fp16 on GPUs older than Ampere (V100, T4). From NVIDIA's data sheets.
+# Dense peak FLOP/s of one GPU in training's precision (bf16; fp16 before Ampere), NVIDIA's data sheets
 GPU_PEAK_FLOPS = {
     "H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12,
     "GH200": 989e12, "H800": 989e12, "H800 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
@@ -1500,8 +1500,7 @@ def make_deterministic():
 
 
 def evaluate_only(cfg: RunConfig, d: Dist, prep: Prepared):
-    """--eval-only: evaluate a checkpoint (--resume) or a pretrained model (--init-from), then
-    --export-hf; nothing is written to --log-dir."""
+    """--eval-only: evaluate a checkpoint (--resume) or a pretrained model (--init-from); no log."""
     if prep.ckpt is not None:
         model, step = model_from_checkpoint(prep.ckpt, prep.ckpt_path), prep.ckpt["step"]
         print0(f"loaded {prep.ckpt_path} (step {step})")
@@ -1523,7 +1522,8 @@ def main(argv=None):
         cfg = parse_args(argv)
         # CUDA memory in growable segments: less fragmentation, so the batch-size probe's answer
         # holds in training (README: memory); read when CUDA first allocates
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ):
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         d = setup_distributed(cfg.device, cfg.dist_timeout)
         if cfg.deterministic or (cfg.deterministic is None and d.device_type == "cpu"):
             make_deterministic()  # before the first matmul (cuBLAS reads its setting then)
