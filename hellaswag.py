@@ -17,6 +17,7 @@ Scoring is batched and packed (score_batch), with the results of scoring each ex
 README has the flags and the measured speed.
 """
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -110,9 +111,13 @@ def load_examples(path: str | None = None, split: str = "val", limit: int | None
 # Rendering and scoring
 
 
+@functools.cache
+def encode(text: str) -> list[int]:  # once per run: training evaluates the same examples again
+    return gpt2_tokenizer().encode_ordinary(text)
+
+
 def render_example(example: dict) -> tuple[list[int], list[list[int]]]:
     """Tokens of the context and of each ending (" " + ending: the space joins it to the context)."""
-    encode = gpt2_tokenizer().encode_ordinary
     return encode(example["ctx"]), [encode(" " + end) for end in example["endings"]]
 
 
@@ -148,26 +153,30 @@ def score_batch(model, batch, device, autocast=contextlib.nullcontext()):
             pos[r] += range(len(context), len(context) + len(end) - 1)
             seg[r] += [1 + i] * (len(end) - 1)
     width = max(map(len, tokens))
-    pad = lambda rows, fill: torch.tensor([r + [fill] * (width - len(r)) for r in rows], device=device)
-    seg = pad(seg, -1)  # (R, T), -1 in padding
+    grid = torch.tensor([[r + [fill] * (width - len(r)) for r in rows] for rows, fill in
+                         ((tokens, 0), (pos, 0), (seg, -1))])  # (3, R, T): ids, positions, segments
+    flat = torch.tensor([[r for r, _ in where], [c for _, c in where], target, owner])  # (4, N)
+    # one copy to the device, from pinned memory on a GPU, queued without waiting
+    host = torch.cat([grid.flatten(), flat.flatten()])
+    pinned = host.pin_memory() if torch.device(device).type == "cuda" else host
+    both, n = pinned.to(device, non_blocking=True), grid.numel()
+    (tokens, pos, seg), (rows, cols, target, owner) = both[:n].view(grid.shape), both[n:].view(flat.shape)
     # query t sees key s <= t where s is context or in t's own segment; padding sees padding, so no
     # query row is fully masked (that would give NaN)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     mask = causal & ((seg.unsqueeze(1) == 0) | (seg.unsqueeze(1) == seg.unsqueeze(2)))  # (R, T, T)
-    rows, cols = torch.tensor(where, device=device).T
-    target, loss = torch.tensor(target, device=device), torch.empty(len(where), device=device)
+    loss = torch.empty(len(where), device=device)
     # logits for this many positions at a time: on a CPU, 128 positions' logits (26 MB) stay in the
     # cache until logsumexp reads them; a GPU wants big matrix multiplications
     chunk = 128 if torch.device(device).type == "cpu" else 2048
     with autocast:
-        h = model.hidden_states(pad(tokens, 0), pos=pad(pos, 0), attn_mask=mask.unsqueeze(1))  # (R, T, C)
+        h = model.hidden_states(tokens, pos=pos, attn_mask=mask.unsqueeze(1))  # (R, T, C)
         h = h[rows, cols]  # (N, C): only the positions that predict an ending token
         for i in range(0, len(h), chunk):
             logits = model.logits(h[i : i + chunk]).float()  # (n, vocab_size), fp32 from here on
             # cross-entropy, as F.cross_entropy computes it but without copying the strided logits
             t = target[i : i + chunk, None]
             loss[i : i + chunk] = torch.logsumexp(logits, -1) - logits.gather(1, t).squeeze(1)
-    owner = torch.tensor(owner, device=device)
     sums = torch.zeros(NUM_ENDINGS * len(batch), device=device).index_add_(0, owner, loss)
     means = sums / torch.bincount(owner)
     return sums.view(-1, NUM_ENDINGS).cpu(), means.view(-1, NUM_ENDINGS).cpu()
