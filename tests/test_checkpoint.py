@@ -114,7 +114,11 @@ def test_two_nodes_without_a_shared_disk_resume_from_the_one_that_has_the_checkp
                    os.path.join(ROOT, "tests", "patched_train.py"), *DDP, "--log-dir", "log", *extra]
             procs.append(subprocess.Popen(cmd, cwd=folder, env={**env1(), **env}, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
-        outs = [p.communicate(timeout=300) for p in procs]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        finally:  # a failed node must not leave the other waiting for it (and holding its port)
+            for p in procs:
+                p.kill()
         assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
         return outs[0][0]
 
