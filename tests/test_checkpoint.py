@@ -114,6 +114,12 @@ def test_two_nodes_without_a_shared_disk_resume_from_the_one_that_has_the_checkp
                    os.path.join(ROOT, "tests", "patched_train.py"), *DDP, "--log-dir", "log", *extra]
             procs.append(subprocess.Popen(cmd, cwd=folder, env={**env1(), **env}, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
+            t0 = time.time()  # node 1 starts once node 0's store listens (else it may give up at once)
+            while rank == 0 and time.time() - t0 < 120 and procs[-1].poll() is None:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.1)
         try:
             outs = [p.communicate(timeout=300) for p in procs]
         finally:  # a failed node must not leave the other waiting for it (and holding its port)
