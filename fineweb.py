@@ -30,7 +30,9 @@ import sys
 import time
 
 import numpy as np
+import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -47,6 +49,7 @@ TXT_DOCS = {"file": "document", "paragraph": "paragraph", "line": "line"}  # -> 
 SEQUENCE = 1025  # tokens of one GPT-2 training sequence: 1024 inputs + 1 target
 READ_DOCS = 512  # documents per Arrow table read from `datasets`
 BATCH_CHARS = 1 << 20  # bytes of text per worker task (tables of short documents are joined)
+ROW_GROUP_BYTES = 32 << 20  # parquet files with larger row groups are read by the main process
 INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
 
 # -----------------------------------------------------------------------------------------------
@@ -68,14 +71,26 @@ def local_files(dataset: str) -> list[str] | None:
     return sorted(found, key=lambda f: f.split(os.sep))  # path order: "a/b" before "a-b"
 
 
-def open_dataset(cfg: "BuildConfig", files: list[str] | None):
-    """--dataset as one IterableDataset of Arrow tables of --text-column: from the hub, or one
-    `load_dataset` per run of `files` of one kind, concatenated."""
+def hub_files(cfg: "BuildConfig") -> list[str] | None:
+    """The data files (hf:// paths) of a hub dataset that `datasets` reads as parquet, else None."""
     import datasets
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report failures in one line
+    try:  # network, unknown name or config, auth: the message says which
+        builder = datasets.load_dataset_builder(cfg.dataset, cfg.name)
+    except Exception as e:
+        raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
+    return list(builder.config.data_files.get("train") or []) or None if builder.name == "parquet" else None
+
+
+def open_dataset(cfg: "BuildConfig", files: list[str] | None):
+    """Files that `datasets` reads in this process as one IterableDataset of Arrow tables of
+    --text-column: one `load_dataset` per run of files of one kind, concatenated; or the hub dataset."""
+    import datasets
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if files is None:  # a missing --text-column: `datasets` names the columns there are
-        try:  # network, unknown name or config, auth: the message says which
+        try:
             ds = datasets.load_dataset(cfg.dataset, cfg.name, split="train", streaming=cfg.streaming)
             ds = ds if cfg.streaming else ds.to_iterable_dataset()
             return ds.select_columns([cfg.text_column]).with_format("arrow")
@@ -84,7 +99,7 @@ def open_dataset(cfg: "BuildConfig", files: list[str] | None):
     parts = []
     txt = {"sample_by": TXT_DOCS[cfg.txt_docs],  # its one column named --text-column
            "features": datasets.Features({cfg.text_column: datasets.Value("string")})}
-    for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS[os.path.splitext(f)[1].lower()]):
+    for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS.get(os.path.splitext(f)[1].lower(), "parquet")):
         paths = list(paths)
         try:  # a parquet schema, or the first chunk of a JSON file, is read here
             ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
@@ -97,32 +112,91 @@ def open_dataset(cfg: "BuildConfig", files: list[str] | None):
     return ds.with_format("arrow")
 
 
-def batches(ds, start: int, label: str):
-    """(first document, texts as one Arrow array) of about BATCH_CHARS, from document `start` on;
-    resuming skips documents with `.skip(start)`: they are read again, not tokenized."""
-    reader = iter((ds.skip(start) if start else ds).iter(batch_size=READ_DOCS))
-    doc, chunks, size = start, [], 0  # the batch gathered: its first document, Arrow chunks, bytes
+def parquet_file(path: str) -> pq.ParquetFile:  # a local path, or hf:// by huggingface_hub's fsspec
+    fs, path = fsspec.core.url_to_fs(path)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
+def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
+    """The metadata of a parquet file that the workers read themselves (strings in `column`, row
+    groups of at most ROW_GROUP_BYTES), else None: `datasets` reads it here, and names any problem."""
+    if not path.lower().endswith(".parquet"):
+        return None
+    with contextlib.suppress(Exception), parquet_file(path) as f:
+        meta, kind = f.metadata, f.schema_arrow.field(column).type  # KeyError: no such column
+        if kind in (pa.string(), pa.large_string()) and all(
+                meta.row_group(i).total_byte_size <= ROW_GROUP_BYTES for i in range(meta.num_row_groups)):
+            return meta
+    return None
+
+
+def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
+    """(first document, task) from document `start` on, in source order. A task is (parquet file, row
+    groups, first row) that a worker reads, or Arrow texts that `datasets` read here."""
+    doc, column = 0, cfg.text_column
+    for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
+        if not by_workers:  # documents before `start` are read, not tokenized
+            doc = yield from batches(open_dataset(cfg, files and list(run)), doc, start, column, cfg.dataset)
+            continue
+        for path in run:  # row groups before `start` are not read
+            first, meta, groups, size = max(start - doc, 0), worker_parquet(path, column), [], 0
+            for i in range(meta.num_row_groups):
+                n = meta.row_group(i).num_rows
+                if not groups and first >= n:
+                    doc, first = doc + n, first - n
+                    continue
+                groups, size = groups + [i], size + meta.row_group(i).total_byte_size
+                if size >= BATCH_CHARS or i + 1 == meta.num_row_groups:
+                    yield doc + first, (path, groups, first)
+                    doc += sum(meta.row_group(g).num_rows for g in groups)
+                    first, groups, size = 0, [], 0
+
+
+def batches(ds, doc: int, start: int, column: str, label: str):
+    """(first document, texts as one Arrow array) of about BATCH_CHARS from `ds`, whose first document
+    is number `doc`, from document `start` on; returns the number after its last document."""
+    reader, chunks, size = iter(ds.iter(batch_size=READ_DOCS)), [], 0
     while True:
-        n = doc + sum(map(len, chunks))  # the next document
         try:
             table = next(reader)
         except StopIteration:
             break
         except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
-            raise UserError(f"reading {label} failed near document {n:,}: {first_line(e)}") from None
-        column, texts = table.column_names[0], table.column(0)
-        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-            kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
-            raise UserError(f"{label}: column {column!r} holds {kind}, not text")
-        if texts.null_count:
-            i = n + texts.is_null().to_pylist().index(True)
-            raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
-        chunks, size = chunks + texts.chunks, size + texts.nbytes
+            raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
+        doc, texts = doc + len(table), table.column(0)[max(start - doc, 0) :]
+        if len(texts):
+            chunks, size = chunks + checked(texts, doc - len(texts), column, label).chunks, size + texts.nbytes
         if size >= BATCH_CHARS:
-            yield doc, pa.concat_arrays(chunks)  # compact: pickling a slice sends its whole buffer
-            doc, chunks, size = n + len(texts), [], 0
+            yield doc - sum(map(len, chunks)), pa.concat_arrays(chunks)  # compact: a slice pickles its buffer
+            chunks, size = [], 0
     if chunks:
-        yield doc, pa.concat_arrays(chunks)
+        yield doc - sum(map(len, chunks)), pa.concat_arrays(chunks)
+    return doc
+
+
+def checked(texts, doc: int, column: str, label: str):
+    """Arrow texts whose first is document `doc`, once they are known to be strings, none null."""
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
+        raise UserError(f"{label}: column {column!r} holds {kind}, not text")
+    if texts.null_count:
+        i = doc + texts.is_null().to_pylist().index(True)
+        raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
+    return texts
+
+
+def tokenize_task(doc: int, task, column: str, label: str) -> np.ndarray:
+    """In a worker: tokenize_batch of Arrow texts, or of the rows of (parquet file, row groups, first
+    row) that it reads here; only tokens go back to the main process."""
+    if isinstance(task, tuple):
+        path, groups, first = task
+        try:
+            with parquet_file(path) as f:
+                task = f.read_row_groups(groups, columns=[column]).column(0)[first:]
+        except Exception as e:  # a lost connection, a damaged file
+            raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
+        checked(task, doc, column, label)
+    return tokenize_batch(task)
 
 
 def _init_worker():  # Ctrl-C and SIGTERM are for the parent, which stops the workers itself
@@ -130,13 +204,13 @@ def _init_worker():  # Ctrl-C and SIGTERM are for the parent, which stops the wo
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def tokenized(pool, workers: int, batches):
-    """(first_doc, texts) -> (first_doc, tokens), in order, by tokenize_batch on the pool; at most
-    INFLIGHT_PER_WORKER tasks per worker are read ahead (multiprocessing's imap would read all)."""
-    pending = []
-    for doc, texts in batches:
-        pending.append((doc, pool.apply_async(tokenize_batch, (texts,))))
-        if len(pending) >= INFLIGHT_PER_WORKER * workers:
+def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
+    """(first_doc, tokens) from document `start` on, in order, by tokenize_task on the pool; at most
+    INFLIGHT_PER_WORKER tasks per worker are handed out ahead (multiprocessing's imap would hand out all)."""
+    pending, args = [], (cfg.text_column, cfg.dataset)
+    for doc, task in tasks(cfg, files, start):
+        pending.append((doc, pool.apply_async(tokenize_task, (doc, task, *args))))
+        if len(pending) >= INFLIGHT_PER_WORKER * max(cfg.workers, 1):
             doc, result = pending.pop(0)
             yield doc, result.get()
     yield from ((doc, result.get()) for doc, result in pending)
@@ -174,13 +248,13 @@ def write_shard(cfg: "BuildConfig", manifest: dict, index: int, tokens: np.ndarr
         save_manifest(cfg.out_dir, manifest)
 
 
-def write_shards(ds, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
+def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
     """Shards from number `index` and position `start` on, until `budget` tokens or the end of the
     data (a full shard waits for one more token); returns the tokens taken, whether data ran out."""
     buffer = np.empty(cfg.shard_size, dtype=np.uint16)  # the shard being filled
     fill = new = 0  # tokens in it; tokens taken in this call
     first_doc, first_offset = start
-    for doc, tokens in tokenized(pool, max(cfg.workers, 1), batches(ds, first_doc, cfg.dataset)):
+    for doc, tokens in tokenized(pool, cfg, files, first_doc):
         k = first_offset if doc == first_doc else 0  # the batch's first token to take
         if k and (k >= len(tokens) or tokens[k] == EOT):
             raise UserError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed")
@@ -264,9 +338,12 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
     gpt2_tokenizer()  # before forking: the workers share its tables, not build their own
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
-    # processes forked before `datasets` starts threads; --workers 0: a thread of this process
+    # processes forked before `datasets` starts threads; --workers 0: a thread of this process. They start
+    # with SIGTERM's default action: the parent's handler would drop a SIGTERM sent before _init_worker runs
+    term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with multiprocessing.Pool(workers, _init_worker) if workers else multiprocessing.pool.ThreadPool(1) as pool:
-        ds, manifest = open_dataset(cfg, files), open_out_dir(cfg)
+        signal.signal(signal.SIGTERM, term)
+        files, manifest = files or (hub_files(cfg) if cfg.streaming else None), open_out_dir(cfg)
         shards = manifest["shards"]
         t0, new_tokens = time.perf_counter(), 0
         if shards and not manifest["finished"] and shards[-1]["tokens"] < cfg.shard_size:
@@ -277,7 +354,7 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
             run = shards[first : next(i for i in itertools.count(first) if i + 1 not in bad) + 1]
             log(f"{PROG}: rewriting {', '.join(s['file'] for s in run)} (missing or corrupt)")
             with bar(total=sum(s["tokens"] for s in run), desc="repair") as b:
-                write_shards(ds, pool, cfg, manifest, first, run[0]["start"], b.total, b)
+                write_shards(files, pool, cfg, manifest, first, run[0]["start"], b.total, b)
         done = sum(s["tokens"] for s in shards)
         if manifest["finished"] or (cfg.max_tokens is not None and done >= cfg.max_tokens):
             log(f"{PROG}: {out} holds {len(shards)} shards, {done:,} tokens; nothing more to do")
@@ -287,7 +364,7 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
             with bar(total=cfg.max_tokens, desc=PROG, initial=done) as b:
                 budget = None if cfg.max_tokens is None else cfg.max_tokens - done
                 start = shards[-1]["end"] if shards else [0, 0]
-                new_tokens, manifest["finished"] = write_shards(ds, pool, cfg, manifest, len(shards),
+                new_tokens, manifest["finished"] = write_shards(files, pool, cfg, manifest, len(shards),
                                                                 start, budget, b)
             save_manifest(out, manifest)
     seconds, (last_doc, offset) = time.perf_counter() - t0, shards[-1]["end"]
