@@ -47,9 +47,8 @@ PREFIX = "edufineweb"  # shard names: edufineweb_val_000000.npy, edufineweb_trai
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 TXT_DOCS = {"file": "document", "paragraph": "paragraph", "line": "line"}  # -> text's sample_by
 SEQUENCE = 1025  # tokens of one GPT-2 training sequence: 1024 inputs + 1 target
-READ_DOCS = 512  # documents per Arrow table read from `datasets`
-BATCH_CHARS = 1 << 20  # bytes of text per worker task (tables of short documents are joined)
-ROW_GROUP_BYTES = 32 << 20  # parquet files with larger row groups are read by the main process
+READ_DOCS = 1024  # documents per worker task when `datasets` reads them in the main process
+ROW_GROUP_BYTES = 32 << 20  # a task of the workers' own reading: one parquet row group, at most this
 INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
 
 # -----------------------------------------------------------------------------------------------
@@ -112,18 +111,17 @@ def open_dataset(cfg: "BuildConfig", files: list[str] | None):
     return ds.with_format("arrow")
 
 
+@functools.lru_cache(maxsize=1)  # a worker reads a file's row groups in turn: its footer is read once
 def parquet_file(path: str) -> pq.ParquetFile:  # a local path, or hf:// by huggingface_hub's fsspec
     fs, path = fsspec.core.url_to_fs(path)
     return pq.ParquetFile(path, filesystem=fs)
 
 
 def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
-    """The metadata of a parquet file that the workers read themselves (strings in `column`, row
-    groups of at most ROW_GROUP_BYTES), else None: `datasets` reads it here, and names any problem."""
-    if not path.lower().endswith(".parquet"):
-        return None
-    with contextlib.suppress(Exception), parquet_file(path) as f:
-        meta, kind = f.metadata, f.schema_arrow.field(column).type  # KeyError: no such column
+    """The metadata of a parquet file that the workers read (strings in `column`, row groups of at
+    most ROW_GROUP_BYTES), else None: `datasets` reads it here, and names any problem."""
+    with contextlib.suppress(Exception):  # not parquet, no such column, unreadable
+        meta, kind = parquet_file(path).metadata, parquet_file(path).schema_arrow.field(column).type
         if kind in (pa.string(), pa.large_string()) and all(
                 meta.row_group(i).total_byte_size <= ROW_GROUP_BYTES for i in range(meta.num_row_groups)):
             return meta
@@ -132,46 +130,35 @@ def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
 
 def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
     """(first document, task) from document `start` on, in source order. A task is (parquet file, row
-    groups, first row) that a worker reads, or Arrow texts that `datasets` read here."""
+    group, first row) that a worker reads, or Arrow texts that `datasets` read here."""
     doc, column = 0, cfg.text_column
     for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
         if not by_workers:  # documents before `start` are read, not tokenized
             doc = yield from batches(open_dataset(cfg, files and list(run)), doc, start, column, cfg.dataset)
             continue
         for path in run:  # row groups before `start` are not read
-            first, meta, groups, size = max(start - doc, 0), worker_parquet(path, column), [], 0
+            meta = worker_parquet(path, column)
             for i in range(meta.num_row_groups):
-                n = meta.row_group(i).num_rows
-                if not groups and first >= n:
-                    doc, first = doc + n, first - n
-                    continue
-                groups, size = groups + [i], size + meta.row_group(i).total_byte_size
-                if size >= BATCH_CHARS or i + 1 == meta.num_row_groups:
-                    yield doc + first, (path, groups, first)
-                    doc += sum(meta.row_group(g).num_rows for g in groups)
-                    first, groups, size = 0, [], 0
+                if doc + meta.row_group(i).num_rows > start:
+                    yield max(doc, start), (path, i, max(start - doc, 0))
+                doc += meta.row_group(i).num_rows
 
 
 def batches(ds, doc: int, start: int, column: str, label: str):
-    """(first document, texts as one Arrow array) of about BATCH_CHARS from `ds`, whose first document
-    is number `doc`, from document `start` on; returns the number after its last document."""
-    reader, chunks, size = iter(ds.iter(batch_size=READ_DOCS)), [], 0
+    """(first document, texts) of READ_DOCS documents from `ds`, whose first is document `doc`, from
+    document `start` on (those before are read, not tokenized); returns the number after its last."""
+    reader = iter(ds.iter(batch_size=READ_DOCS))
     while True:
         try:
-            table = next(reader)
+            texts = next(reader).column(0)
         except StopIteration:
-            break
+            return doc
         except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
             raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
-        doc, texts = doc + len(table), table.column(0)[max(start - doc, 0) :]
-        if len(texts):
-            chunks, size = chunks + checked(texts, doc - len(texts), column, label).chunks, size + texts.nbytes
-        if size >= BATCH_CHARS:
-            yield doc - sum(map(len, chunks)), pa.concat_arrays(chunks)  # compact: a slice pickles its buffer
-            chunks, size = [], 0
-    if chunks:
-        yield doc - sum(map(len, chunks)), pa.concat_arrays(chunks)
-    return doc
+        if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
+            part = checked(texts[max(start - doc, 0) :], max(doc, start), column, label)
+            yield max(doc, start), pa.concat_arrays(part.chunks)
+        doc += len(texts)
 
 
 def checked(texts, doc: int, column: str, label: str):
@@ -186,22 +173,16 @@ def checked(texts, doc: int, column: str, label: str):
 
 
 def tokenize_task(doc: int, task, column: str, label: str) -> np.ndarray:
-    """In a worker: tokenize_batch of Arrow texts, or of the rows of (parquet file, row groups, first
+    """In a worker: tokenize_batch of Arrow texts, or of the rows of (parquet file, row group, first
     row) that it reads here; only tokens go back to the main process."""
     if isinstance(task, tuple):
-        path, groups, first = task
+        path, group, first = task
         try:
-            with parquet_file(path) as f:
-                task = f.read_row_groups(groups, columns=[column]).column(0)[first:]
+            task = parquet_file(path).read_row_group(group, columns=[column]).column(0)[first:]
         except Exception as e:  # a lost connection, a damaged file
             raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
         checked(task, doc, column, label)
     return tokenize_batch(task)
-
-
-def _init_worker():  # Ctrl-C and SIGTERM are for the parent, which stops the workers itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
@@ -336,13 +317,14 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
         cfg, dataset=os.path.abspath(os.path.expanduser(cfg.dataset)) if files else cfg.dataset,
         name=cfg.name or (DEFAULT_NAME if cfg.dataset == DEFAULT_DATASET else None), workers=workers)
     gpt2_tokenizer()  # before forking: the workers share its tables, not build their own
+    parquet_file.cache_clear()  # files of an earlier build() in this process may have changed since
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
-    # processes forked before `datasets` starts threads; --workers 0: a thread of this process. They start
-    # with SIGTERM's default action: the parent's handler would drop a SIGTERM sent before _init_worker runs
-    term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with multiprocessing.Pool(workers, _init_worker) if workers else multiprocessing.pool.ThreadPool(1) as pool:
-        signal.signal(signal.SIGTERM, term)
+    # processes forked before `datasets` starts threads, with Ctrl-C ignored and SIGTERM's default action (the
+    # parent stops them), so that no signal is lost before they start; --workers 0: a thread of this process
+    handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with multiprocessing.Pool(workers) if workers else multiprocessing.pool.ThreadPool(1) as pool:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
         files, manifest = files or (hub_files(cfg) if cfg.streaming else None), open_out_dir(cfg)
         shards = manifest["shards"]
         t0, new_tokens = time.perf_counter(), 0
