@@ -1,12 +1,11 @@
 """
 fineweb.py: a text dataset -> GPT-2 token shards (.npy, uint16) for train_gpt2.py.
 
-Reads documents with Hugging Face `datasets` (FineWeb-Edu sample-10BT from the hub by default, or
-local .parquet/.jsonl/.json/.txt files and folders), tokenizes them on all cores and writes shards
-of --shard-size tokens, edufineweb_val_000000.npy then edufineweb_train_000001.npy, ...: each
-document is <|endoftext|> (50256) then its tokens, in source order. manifest.json records the
-shards: rerunning a command resumes it and rewrites missing or corrupt shards, byte for byte.
-README.md ("Data") is the manual. The pipeline comes first, then the helpers other scripts share.
+FineWeb-Edu sample-10BT from the hub by default, or local .parquet/.jsonl/.json/.txt files and folders:
+the workers (all cores) read parquet row groups and tokenize them; `datasets` reads the rest here. Shards
+of --shard-size tokens, edufineweb_val_000000.npy then edufineweb_train_000001.npy, ...: each document is
+<|endoftext|> (50256) then its tokens, in source order. manifest.json records the shards: rerunning a
+command resumes it and rewrites missing or corrupt shards, byte for byte. README.md ("Data") is the manual.
 
     python fineweb.py                                 # FineWeb-Edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --max-tokens 20000000 --out-dir edu_fineweb_20M   # a small experiment
@@ -73,7 +72,6 @@ def local_files(dataset: str) -> list[str] | None:
 def hub_files(cfg: "BuildConfig") -> list[str] | None:
     """The data files (hf:// paths) of a hub dataset that `datasets` reads as parquet, else None."""
     import datasets
-
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report failures in one line
     try:  # network, unknown name or config, auth: the message says which
         builder = datasets.load_dataset_builder(cfg.dataset, cfg.name)
@@ -83,15 +81,12 @@ def hub_files(cfg: "BuildConfig") -> list[str] | None:
 
 
 def open_dataset(cfg: "BuildConfig", files: list[str] | None):
-    """Files that `datasets` reads in this process as one IterableDataset of Arrow tables of
-    --text-column: one `load_dataset` per run of files of one kind, concatenated; or the hub dataset."""
+    """Arrow tables of --text-column from the hub dataset, or files (a `load_dataset` per run of a kind)."""
     import datasets
-
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if files is None:  # a missing --text-column: `datasets` names the columns there are
         try:
             ds = datasets.load_dataset(cfg.dataset, cfg.name, split="train", streaming=cfg.streaming)
-            ds = ds if cfg.streaming else ds.to_iterable_dataset()
             return ds.select_columns([cfg.text_column]).with_format("arrow")
         except Exception as e:
             raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
@@ -118,14 +113,12 @@ def parquet_file(path: str) -> pq.ParquetFile:  # a local path, or hf:// by hugg
 
 
 def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
-    """The metadata of a parquet file that the workers read (strings in `column`, row groups of at
-    most ROW_GROUP_BYTES), else None: `datasets` reads it here, and names any problem."""
-    with contextlib.suppress(Exception):  # not parquet, no such column, unreadable
-        meta, kind = parquet_file(path).metadata, parquet_file(path).schema_arrow.field(column).type
-        if kind in (pa.string(), pa.large_string()) and all(
-                meta.row_group(i).total_byte_size <= ROW_GROUP_BYTES for i in range(meta.num_row_groups)):
-            return meta
-    return None
+    """Its metadata if the workers read it: parquet, strings in `column`, row groups <= ROW_GROUP_BYTES."""
+    with contextlib.suppress(Exception):  # else `datasets` reads it here, and names any problem
+        f = parquet_file(path)
+        if f.schema_arrow.field(column).type in (pa.string(), pa.large_string()) and all(
+                f.metadata.row_group(i).total_byte_size <= ROW_GROUP_BYTES for i in range(f.num_row_groups)):
+            return f.metadata
 
 
 def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
@@ -133,36 +126,27 @@ def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
     group, first row) that a worker reads, or Arrow texts that `datasets` read here."""
     doc, column = 0, cfg.text_column
     for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
-        if not by_workers:  # documents before `start` are read, not tokenized
-            doc = yield from batches(open_dataset(cfg, files and list(run)), doc, start, column, cfg.dataset)
-            continue
-        for path in run:  # row groups before `start` are not read
+        for path in run if by_workers else []:  # row groups before `start` are not read
             meta = worker_parquet(path, column)
             for i in range(meta.num_row_groups):
                 if doc + meta.row_group(i).num_rows > start:
                     yield max(doc, start), (path, i, max(start - doc, 0))
                 doc += meta.row_group(i).num_rows
+        reader = iter([] if by_workers else open_dataset(cfg, files and list(run)).iter(batch_size=READ_DOCS))
+        while True:  # READ_DOCS documents a task; those before `start` are read, not tokenized
+            try:
+                texts = next(reader).column(0)
+            except StopIteration:
+                break
+            except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
+                raise UserError(f"reading {cfg.dataset} failed near document {doc:,}: {first_line(e)}") from None
+            if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
+                part = checked(texts[max(start - doc, 0) :], max(doc, start), column, cfg.dataset)
+                yield max(doc, start), pa.concat_arrays(part.chunks)
+            doc += len(texts)
 
 
-def batches(ds, doc: int, start: int, column: str, label: str):
-    """(first document, texts) of READ_DOCS documents from `ds`, whose first is document `doc`, from
-    document `start` on (those before are read, not tokenized); returns the number after its last."""
-    reader = iter(ds.iter(batch_size=READ_DOCS))
-    while True:
-        try:
-            texts = next(reader).column(0)
-        except StopIteration:
-            return doc
-        except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
-            raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
-        if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
-            part = checked(texts[max(start - doc, 0) :], max(doc, start), column, label)
-            yield max(doc, start), pa.concat_arrays(part.chunks)
-        doc += len(texts)
-
-
-def checked(texts, doc: int, column: str, label: str):
-    """Arrow texts whose first is document `doc`, once they are known to be strings, none null."""
+def checked(texts, doc: int, column: str, label: str):  # Arrow texts that open with document `doc`
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
         raise UserError(f"{label}: column {column!r} holds {kind}, not text")
@@ -173,21 +157,18 @@ def checked(texts, doc: int, column: str, label: str):
 
 
 def tokenize_task(doc: int, task, column: str, label: str) -> np.ndarray:
-    """In a worker: tokenize_batch of Arrow texts, or of the rows of (parquet file, row group, first
-    row) that it reads here; only tokens go back to the main process."""
+    """In a worker: the tokens of Arrow texts, or of (parquet file, row group, first row) read here."""
     if isinstance(task, tuple):
         path, group, first = task
         try:
             task = parquet_file(path).read_row_group(group, columns=[column]).column(0)[first:]
         except Exception as e:  # a lost connection, a damaged file
             raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
-        checked(task, doc, column, label)
-    return tokenize_batch(task)
+    return tokenize_batch(checked(task, doc, column, label))
 
 
 def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
-    """(first_doc, tokens) from document `start` on, in order, by tokenize_task on the pool; at most
-    INFLIGHT_PER_WORKER tasks per worker are handed out ahead (multiprocessing's imap would hand out all)."""
+    """(first_doc, tokens) in order; INFLIGHT_PER_WORKER tasks a worker handed out ahead (imap: all)."""
     pending, args = [], (cfg.text_column, cfg.dataset)
     for doc, task in tasks(cfg, files, start):
         pending.append((doc, pool.apply_async(tokenize_task, (doc, task, *args))))
@@ -202,8 +183,7 @@ def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
 
 
 def position(tokens: np.ndarray, doc: int, k: int) -> list[int]:
-    """[document, token offset] of tokens[k] in a batch that opens with document `doc` (k past the
-    end: the next document); each 50256 opens a document (encode_ordinary never makes one)."""
+    """[document, token offset] of tokens[k] (k past the end: the next document); each 50256 opens one."""
     starts = np.flatnonzero(tokens[: k + 1] == EOT)
     return [doc + len(starts), 0] if k == len(tokens) else [doc + len(starts) - 1, k - int(starts[-1])]
 
@@ -230,8 +210,8 @@ def write_shard(cfg: "BuildConfig", manifest: dict, index: int, tokens: np.ndarr
 
 
 def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
-    """Shards from number `index` and position `start` on, until `budget` tokens or the end of the
-    data (a full shard waits for one more token); returns the tokens taken, whether data ran out."""
+    """Shards from number `index` and position `start` on, until `budget` tokens or the end of the data (a
+    full shard waits for one more token); returns the tokens taken, whether data ran out."""
     buffer = np.empty(cfg.shard_size, dtype=np.uint16)  # the shard being filled
     fill = new = 0  # tokens in it; tokens taken in this call
     first_doc, first_offset = start
@@ -309,8 +289,8 @@ def open_out_dir(cfg: "BuildConfig") -> dict:
 
 
 def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
-    """Build the shards of `cfg`, or repair and continue them. Returns shards, tokens, documents and
-    finished for the folder; new_tokens and seconds (after start-up) for this run."""
+    """Build, or repair and continue, the shards of `cfg`: shards, tokens, documents, finished (the
+    folder), new_tokens and seconds (this run, after start-up)."""
     files, out = local_files(cfg.dataset), cfg.out_dir
     workers = available_cpus() if cfg.workers is None else cfg.workers
     cfg = dataclasses.replace(  # as the manifest records it
