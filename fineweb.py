@@ -55,8 +55,7 @@ INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while
 
 
 def local_files(dataset: str) -> list[str] | None:
-    """The file, or the folder's files in path order ("." names skipped); None for a hub name. A
-    missing path that does not look like a hub name is an error, so that a typo reads as one."""
+    """The file, or the folder's files in path order ("." names skipped); None for a hub name (a typo errs)."""
     path, kinds = os.path.abspath(os.path.expanduser(dataset)), tuple(BUILDERS)
     if not os.path.exists(path):
         if dataset[:1] in "./~\\" or dataset.lower().endswith(kinds) or dataset.count("/") > 1:
@@ -69,31 +68,23 @@ def local_files(dataset: str) -> list[str] | None:
     return sorted(found, key=lambda f: f.split(os.sep))  # path order: "a/b" before "a-b"
 
 
-def hub_files(cfg: "BuildConfig") -> list[str] | None:
-    """The data files (hf:// paths) of a hub dataset that `datasets` reads as parquet, else None."""
+def open_dataset(cfg: "BuildConfig", files: list[str] | None):
+    """Arrow tables of --text-column from files (a `load_dataset` per run of a kind) or the hub dataset;
+    for a streamed hub dataset of parquet files, those files (hf:// paths) instead."""
     import datasets
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report failures in one line
-    try:  # network, unknown name or config, auth: the message says which
-        builder = datasets.load_dataset_builder(cfg.dataset, cfg.name)
-    except Exception as e:
-        raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
-    return list(builder.config.data_files.get("train") or []) or None if builder.name == "parquet" else None
-
-
-def open_dataset(cfg: "BuildConfig", files: list[str] | None):
-    """Arrow tables of --text-column from the hub dataset, or files (a `load_dataset` per run of a kind)."""
-    import datasets
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if files is None:  # a missing --text-column: `datasets` names the columns there are
-        try:
+        try:  # network, unknown name or config, auth: the message says which
+            builder = datasets.load_dataset_builder(cfg.dataset, cfg.name)
+            if cfg.streaming and builder.name == "parquet" and builder.config.data_files.get("train"):
+                return list(builder.config.data_files["train"])
             ds = datasets.load_dataset(cfg.dataset, cfg.name, split="train", streaming=cfg.streaming)
             return ds.select_columns([cfg.text_column]).with_format("arrow")
         except Exception as e:
             raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
-    parts = []
-    txt = {"sample_by": TXT_DOCS[cfg.txt_docs],  # its one column named --text-column
-           "features": datasets.Features({cfg.text_column: datasets.Value("string")})}
-    for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS.get(os.path.splitext(f)[1].lower(), "parquet")):
+    parts, txt = [], {"sample_by": TXT_DOCS[cfg.txt_docs],  # its one column named --text-column
+                      "features": datasets.Features({cfg.text_column: datasets.Value("string")})}
+    for builder, paths in itertools.groupby(files, lambda f: BUILDERS.get(os.path.splitext(f)[1].lower(), "parquet")):
         paths = list(paths)
         try:  # a parquet schema, or the first chunk of a JSON file, is read here
             ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
@@ -102,8 +93,7 @@ def open_dataset(cfg: "BuildConfig", files: list[str] | None):
         except Exception as e:
             raise UserError(f"{paths[0]}: cannot read it as {builder} with --text-column "
                             f"{cfg.text_column} ({first_line(e)})") from None
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return ds.with_format("arrow")
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).with_format("arrow")
 
 
 @functools.lru_cache(maxsize=1)  # a worker reads a file's row groups in turn: its footer is read once
@@ -115,15 +105,13 @@ def parquet_file(path: str) -> pq.ParquetFile:  # a local path, or hf:// by hugg
 def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
     """Its metadata if the workers read it: parquet, strings in `column`, row groups <= ROW_GROUP_BYTES."""
     with contextlib.suppress(Exception):  # else `datasets` reads it here, and names any problem
-        f = parquet_file(path)
-        if f.schema_arrow.field(column).type in (pa.string(), pa.large_string()) and all(
+        if (f := parquet_file(path)).schema_arrow.field(column).type in (pa.string(), pa.large_string()) and all(
                 f.metadata.row_group(i).total_byte_size <= ROW_GROUP_BYTES for i in range(f.num_row_groups)):
             return f.metadata
 
 
 def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
-    """(first document, task) from document `start` on, in source order. A task is (parquet file, row
-    group, first row) that a worker reads, or Arrow texts that `datasets` read here."""
+    """(first document, task) from document `start` on: (parquet file, row group, first row), or Arrow texts."""
     doc, column = 0, cfg.text_column
     for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
         for path in run if by_workers else []:  # row groups before `start` are not read
@@ -132,7 +120,11 @@ def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
                 if doc + meta.row_group(i).num_rows > start:
                     yield max(doc, start), (path, i, max(start - doc, 0))
                 doc += meta.row_group(i).num_rows
-        reader = iter([] if by_workers else open_dataset(cfg, files and list(run)).iter(batch_size=READ_DOCS))
+        source = None if by_workers else open_dataset(cfg, files and list(run))
+        if isinstance(source, list):  # a streamed hub dataset's parquet files: read as local ones are
+            yield from tasks(cfg, source, start)
+            return
+        reader = iter([] if by_workers else source.iter(batch_size=READ_DOCS))
         while True:  # READ_DOCS documents a task; those before `start` are read, not tokenized
             try:
                 texts = next(reader).column(0)
@@ -140,31 +132,26 @@ def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
                 break
             except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
                 raise UserError(f"reading {cfg.dataset} failed near document {doc:,}: {first_line(e)}") from None
+            if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+                kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
+                raise UserError(f"{cfg.dataset}: column {column!r} holds {kind}, not text")
             if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
-                part = checked(texts[max(start - doc, 0) :], max(doc, start), column, cfg.dataset)
-                yield max(doc, start), pa.concat_arrays(part.chunks)
+                yield max(doc, start), pa.concat_arrays(texts[max(start - doc, 0) :].chunks)
             doc += len(texts)
 
 
-def checked(texts, doc: int, column: str, label: str):  # Arrow texts that open with document `doc`
-    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-        kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
-        raise UserError(f"{label}: column {column!r} holds {kind}, not text")
-    if texts.null_count:
-        i = doc + texts.is_null().to_pylist().index(True)
-        raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
-    return texts
-
-
 def tokenize_task(doc: int, task, column: str, label: str) -> np.ndarray:
-    """In a worker: the tokens of Arrow texts, or of (parquet file, row group, first row) read here."""
+    """In a worker: the tokens of texts (strings), or of (parquet file, row group, first row) read here."""
     if isinstance(task, tuple):
         path, group, first = task
         try:
             task = parquet_file(path).read_row_group(group, columns=[column]).column(0)[first:]
         except Exception as e:  # a lost connection, a damaged file
             raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
-    return tokenize_batch(checked(task, doc, column, label))
+    if task.null_count:
+        i = doc + task.is_null().to_pylist().index(True)
+        raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
+    return tokenize_batch(task)
 
 
 def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
@@ -173,8 +160,7 @@ def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
     for doc, task in tasks(cfg, files, start):
         pending.append((doc, pool.apply_async(tokenize_task, (doc, task, *args))))
         if len(pending) >= INFLIGHT_PER_WORKER * max(cfg.workers, 1):
-            doc, result = pending.pop(0)
-            yield doc, result.get()
+            yield pending[0][0], pending.pop(0)[1].get()
     yield from ((doc, result.get()) for doc, result in pending)
 
 
@@ -213,8 +199,7 @@ def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, st
     """Shards from number `index` and position `start` on, until `budget` tokens or the end of the data (a
     full shard waits for one more token); returns the tokens taken, whether data ran out."""
     buffer = np.empty(cfg.shard_size, dtype=np.uint16)  # the shard being filled
-    fill = new = 0  # tokens in it; tokens taken in this call
-    first_doc, first_offset = start
+    (first_doc, first_offset), fill, new = start, 0, 0  # fill: tokens in it; new: tokens taken in this call
     for doc, tokens in tokenized(pool, cfg, files, first_doc):
         k = first_offset if doc == first_doc else 0  # the batch's first token to take
         if k and (k >= len(tokens) or tokens[k] == EOT):
@@ -289,8 +274,7 @@ def open_out_dir(cfg: "BuildConfig") -> dict:
 
 
 def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
-    """Build, or repair and continue, the shards of `cfg`: shards, tokens, documents, finished (the
-    folder), new_tokens and seconds (this run, after start-up)."""
+    """Build, or repair and continue, `cfg`'s shards: shards, tokens, documents, finished; new_tokens, seconds."""
     files, out = local_files(cfg.dataset), cfg.out_dir
     workers = available_cpus() if cfg.workers is None else cfg.workers
     cfg = dataclasses.replace(  # as the manifest records it
@@ -300,12 +284,11 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
     parquet_file.cache_clear()  # files of an earlier build() in this process may have changed since
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
-    # processes forked before `datasets` starts threads, with Ctrl-C ignored and SIGTERM's default action (the
-    # parent stops them), so that no signal is lost before they start; --workers 0: a thread of this process
+    # forked before `datasets` starts threads, ignoring Ctrl-C, dying on SIGTERM; --workers 0: a thread here
     handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with multiprocessing.Pool(workers) if workers else multiprocessing.pool.ThreadPool(1) as pool:
         signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
-        files, manifest = files or (hub_files(cfg) if cfg.streaming else None), open_out_dir(cfg)
+        manifest = open_out_dir(cfg)
         shards = manifest["shards"]
         t0, new_tokens = time.perf_counter(), 0
         if shards and not manifest["finished"] and shards[-1]["tokens"] < cfg.shard_size:
@@ -513,7 +496,6 @@ def atomic_write(path: str, write):
 def download(url: str, path: str):
     """Fetch `url` to `path` by atomic_write (a cut download never looks done); raises OSError."""
     import urllib.request  # its URLError is an OSError
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with urllib.request.urlopen(url, timeout=60) as response:
         atomic_write(path, lambda f: shutil.copyfileobj(response, f))

@@ -431,7 +431,8 @@ def test_paragraph_and_line_documents_at_blank_lines(tmp_path):
     normalized = text.replace("\r\n", "\n")
     for mode, docs in [("paragraph", paragraphs_of(normalized)), ("line", lines_of(normalized))]:
         cfg = fineweb.BuildConfig(dataset=str(tmp_path), txt_docs=mode)
-        assert [d for _, batch in fineweb.tasks(cfg, [str(tmp_path / "edge.txt")], 0) for d in batch.to_pylist()] == docs
+        tasks = fineweb.tasks(cfg, [str(tmp_path / "edge.txt")], 0)  # Arrow texts read by `datasets`
+        assert [d for _, batch in tasks for d in batch.to_pylist()] == docs
 
 
 def test_hub_dataset_streamed_and_downloaded(documents, expected, tmp_path, monkeypatch, capsys):
@@ -448,7 +449,7 @@ def test_hub_dataset_streamed_and_downloaded(documents, expected, tmp_path, monk
     folder = tmp_path / "hub_like"
     os.makedirs(folder)
     write_parquet(folder / "train.parquet", documents)
-    assert fineweb.hub_files(fineweb.BuildConfig(dataset=str(folder))) == [str(folder / "train.parquet")]
+    assert fineweb.open_dataset(fineweb.BuildConfig(dataset=str(folder)), None) == [str(folder / "train.parquet")]
     for streaming in (True, False):
         out = tmp_path / f"out_{streaming}"
         build(folder, out, streaming=streaming, workers=2, max_tokens=2 * SHARD + 123)  # stopped, then continued
