@@ -1,12 +1,11 @@
 """
 fineweb.py: a text dataset -> GPT-2 token shards (.npy, uint16) for train_gpt2.py.
 
-Reads documents with Hugging Face `datasets` (FineWeb-Edu sample-10BT from the hub by default, or
-local .parquet/.jsonl/.json/.txt files and folders), tokenizes them on all cores and writes shards
-of --shard-size tokens, edufineweb_val_000000.npy then edufineweb_train_000001.npy, ...: each
-document is <|endoftext|> (50256) then its tokens, in source order. manifest.json records the
-shards: rerunning a command resumes it and rewrites missing or corrupt shards, byte for byte.
-README.md ("Data") is the manual. The pipeline comes first, then the helpers other scripts share.
+FineWeb-Edu sample-10BT from the hub by default, or local .parquet/.jsonl/.json/.txt files and folders:
+the workers (all cores) read parquet row groups and tokenize them; `datasets` reads the rest here. Shards
+of --shard-size tokens, edufineweb_val_000000.npy then edufineweb_train_000001.npy, ...: each document is
+<|endoftext|> (50256) then its tokens, in source order. manifest.json records the shards: rerunning a
+command resumes it and rewrites missing or corrupt shards, byte for byte. README.md ("Data") is the manual.
 
     python fineweb.py                                 # FineWeb-Edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --max-tokens 20000000 --out-dir edu_fineweb_20M   # a small experiment
@@ -30,7 +29,9 @@ import sys
 import time
 
 import numpy as np
+import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -45,8 +46,8 @@ PREFIX = "edufineweb"  # shard names: edufineweb_val_000000.npy, edufineweb_trai
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
 TXT_DOCS = {"file": "document", "paragraph": "paragraph", "line": "line"}  # -> text's sample_by
 SEQUENCE = 1025  # tokens of one GPT-2 training sequence: 1024 inputs + 1 target
-READ_DOCS = 512  # documents per Arrow table read from `datasets`
-BATCH_CHARS = 1 << 20  # bytes of text per worker task (tables of short documents are joined)
+READ_DOCS = 1024  # documents per worker task when `datasets` reads them in the main process
+ROW_GROUP_BYTES = 32 << 20  # a task of the workers' own reading: one parquet row group, at most this
 INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
 
 # -----------------------------------------------------------------------------------------------
@@ -54,8 +55,7 @@ INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while
 
 
 def local_files(dataset: str) -> list[str] | None:
-    """The file, or the folder's files in path order ("." names skipped); None for a hub name. A
-    missing path that does not look like a hub name is an error, so that a typo reads as one."""
+    """The file, or the folder's files in path order ("." names skipped); None for a hub name (a typo errs)."""
     path, kinds = os.path.abspath(os.path.expanduser(dataset)), tuple(BUILDERS)
     if not os.path.exists(path):
         if dataset[:1] in "./~\\" or dataset.lower().endswith(kinds) or dataset.count("/") > 1:
@@ -69,22 +69,22 @@ def local_files(dataset: str) -> list[str] | None:
 
 
 def open_dataset(cfg: "BuildConfig", files: list[str] | None):
-    """--dataset as one IterableDataset of Arrow tables of --text-column: from the hub, or one
-    `load_dataset` per run of `files` of one kind, concatenated."""
+    """Arrow tables of --text-column from files (a `load_dataset` per run of a kind) or the hub dataset;
+    for a streamed hub dataset of parquet files, those files (hf:// paths) instead."""
     import datasets
-
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report failures in one line
     if files is None:  # a missing --text-column: `datasets` names the columns there are
         try:  # network, unknown name or config, auth: the message says which
+            builder = datasets.load_dataset_builder(cfg.dataset, cfg.name)
+            if cfg.streaming and builder.name == "parquet" and builder.config.data_files.get("train"):
+                return list(builder.config.data_files["train"])
             ds = datasets.load_dataset(cfg.dataset, cfg.name, split="train", streaming=cfg.streaming)
-            ds = ds if cfg.streaming else ds.to_iterable_dataset()
             return ds.select_columns([cfg.text_column]).with_format("arrow")
         except Exception as e:
             raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
-    parts = []
-    txt = {"sample_by": TXT_DOCS[cfg.txt_docs],  # its one column named --text-column
-           "features": datasets.Features({cfg.text_column: datasets.Value("string")})}
-    for builder, paths in itertools.groupby(files, key=lambda f: BUILDERS[os.path.splitext(f)[1].lower()]):
+    parts, txt = [], {"sample_by": TXT_DOCS[cfg.txt_docs],  # its one column named --text-column
+                      "features": datasets.Features({cfg.text_column: datasets.Value("string")})}
+    for builder, paths in itertools.groupby(files, lambda f: BUILDERS.get(os.path.splitext(f)[1].lower(), "parquet")):
         paths = list(paths)
         try:  # a parquet schema, or the first chunk of a JSON file, is read here
             ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
@@ -93,52 +93,74 @@ def open_dataset(cfg: "BuildConfig", files: list[str] | None):
         except Exception as e:
             raise UserError(f"{paths[0]}: cannot read it as {builder} with --text-column "
                             f"{cfg.text_column} ({first_line(e)})") from None
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return ds.with_format("arrow")
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).with_format("arrow")
 
 
-def batches(ds, start: int, label: str):
-    """(first document, texts as one Arrow array) of about BATCH_CHARS, from document `start` on;
-    resuming skips documents with `.skip(start)`: they are read again, not tokenized."""
-    reader = iter((ds.skip(start) if start else ds).iter(batch_size=READ_DOCS))
-    doc, chunks, size = start, [], 0  # the batch gathered: its first document, Arrow chunks, bytes
-    while True:
-        n = doc + sum(map(len, chunks))  # the next document
+@functools.lru_cache(maxsize=1)  # a worker reads a file's row groups in turn: its footer is read once
+def parquet_file(path: str) -> pq.ParquetFile:  # a local path, or hf:// by huggingface_hub's fsspec
+    fs, path = fsspec.core.url_to_fs(path)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
+def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
+    """Its metadata if the workers read it: parquet, strings in `column`, row groups <= ROW_GROUP_BYTES."""
+    with contextlib.suppress(Exception):  # else `datasets` reads it here, and names any problem
+        if (f := parquet_file(path)).schema_arrow.field(column).type in (pa.string(), pa.large_string()) and all(
+                f.metadata.row_group(i).total_byte_size <= ROW_GROUP_BYTES for i in range(f.num_row_groups)):
+            return f.metadata
+
+
+def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
+    """(first document, task) from document `start` on: (parquet file, row group, first row), or Arrow texts."""
+    doc, column = 0, cfg.text_column
+    for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
+        for path in run if by_workers else []:  # row groups before `start` are not read
+            meta = worker_parquet(path, column)
+            for i in range(meta.num_row_groups):
+                if doc + meta.row_group(i).num_rows > start:
+                    yield max(doc, start), (path, i, max(start - doc, 0))
+                doc += meta.row_group(i).num_rows
+        source = None if by_workers else open_dataset(cfg, files and list(run))
+        if isinstance(source, list):  # a streamed hub dataset's parquet files: read as local ones are
+            yield from tasks(cfg, source, start)
+            return
+        reader = iter([] if by_workers else source.iter(batch_size=READ_DOCS))
+        while True:  # READ_DOCS documents a task; those before `start` are read, not tokenized
+            try:
+                texts = next(reader).column(0)
+            except StopIteration:
+                break
+            except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
+                raise UserError(f"reading {cfg.dataset} failed near document {doc:,}: {first_line(e)}") from None
+            if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+                kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
+                raise UserError(f"{cfg.dataset}: column {column!r} holds {kind}, not text")
+            if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
+                yield max(doc, start), pa.concat_arrays(texts[max(start - doc, 0) :].chunks)
+            doc += len(texts)
+
+
+def tokenize_task(doc: int, task, column: str, label: str) -> np.ndarray:
+    """In a worker: the tokens of texts (strings), or of (parquet file, row group, first row) read here."""
+    if isinstance(task, tuple):
+        path, group, first = task
         try:
-            table = next(reader)
-        except StopIteration:
-            break
-        except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
-            raise UserError(f"reading {label} failed near document {n:,}: {first_line(e)}") from None
-        column, texts = table.column_names[0], table.column(0)
-        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-            kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
-            raise UserError(f"{label}: column {column!r} holds {kind}, not text")
-        if texts.null_count:
-            i = n + texts.is_null().to_pylist().index(True)
-            raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
-        chunks, size = chunks + texts.chunks, size + texts.nbytes
-        if size >= BATCH_CHARS:
-            yield doc, pa.concat_arrays(chunks)  # compact: pickling a slice sends its whole buffer
-            doc, chunks, size = n + len(texts), [], 0
-    if chunks:
-        yield doc, pa.concat_arrays(chunks)
+            task = parquet_file(path).read_row_group(group, columns=[column]).column(0)[first:]
+        except Exception as e:  # a lost connection, a damaged file
+            raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
+    if task.null_count:
+        i = doc + task.is_null().to_pylist().index(True)
+        raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
+    return tokenize_batch(task)
 
 
-def _init_worker():  # Ctrl-C and SIGTERM are for the parent, which stops the workers itself
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def tokenized(pool, workers: int, batches):
-    """(first_doc, texts) -> (first_doc, tokens), in order, by tokenize_batch on the pool; at most
-    INFLIGHT_PER_WORKER tasks per worker are read ahead (multiprocessing's imap would read all)."""
-    pending = []
-    for doc, texts in batches:
-        pending.append((doc, pool.apply_async(tokenize_batch, (texts,))))
-        if len(pending) >= INFLIGHT_PER_WORKER * workers:
-            doc, result = pending.pop(0)
-            yield doc, result.get()
+def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
+    """(first_doc, tokens) in order; INFLIGHT_PER_WORKER tasks a worker handed out ahead (imap: all)."""
+    pending, args = [], (cfg.text_column, cfg.dataset)
+    for doc, task in tasks(cfg, files, start):
+        pending.append((doc, pool.apply_async(tokenize_task, (doc, task, *args))))
+        if len(pending) >= INFLIGHT_PER_WORKER * max(cfg.workers, 1):
+            yield pending[0][0], pending.pop(0)[1].get()
     yield from ((doc, result.get()) for doc, result in pending)
 
 
@@ -147,8 +169,7 @@ def tokenized(pool, workers: int, batches):
 
 
 def position(tokens: np.ndarray, doc: int, k: int) -> list[int]:
-    """[document, token offset] of tokens[k] in a batch that opens with document `doc` (k past the
-    end: the next document); each 50256 opens a document (encode_ordinary never makes one)."""
+    """[document, token offset] of tokens[k] (k past the end: the next document); each 50256 opens one."""
     starts = np.flatnonzero(tokens[: k + 1] == EOT)
     return [doc + len(starts), 0] if k == len(tokens) else [doc + len(starts) - 1, k - int(starts[-1])]
 
@@ -174,13 +195,12 @@ def write_shard(cfg: "BuildConfig", manifest: dict, index: int, tokens: np.ndarr
         save_manifest(cfg.out_dir, manifest)
 
 
-def write_shards(ds, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
-    """Shards from number `index` and position `start` on, until `budget` tokens or the end of the
-    data (a full shard waits for one more token); returns the tokens taken, whether data ran out."""
+def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
+    """Shards from number `index` and position `start` on, until `budget` tokens or the end of the data (a
+    full shard waits for one more token); returns the tokens taken, whether data ran out."""
     buffer = np.empty(cfg.shard_size, dtype=np.uint16)  # the shard being filled
-    fill = new = 0  # tokens in it; tokens taken in this call
-    first_doc, first_offset = start
-    for doc, tokens in tokenized(pool, max(cfg.workers, 1), batches(ds, first_doc, cfg.dataset)):
+    (first_doc, first_offset), fill, new = start, 0, 0  # fill: tokens in it; new: tokens taken in this call
+    for doc, tokens in tokenized(pool, cfg, files, first_doc):
         k = first_offset if doc == first_doc else 0  # the batch's first token to take
         if k and (k >= len(tokens) or tokens[k] == EOT):
             raise UserError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed")
@@ -254,19 +274,21 @@ def open_out_dir(cfg: "BuildConfig") -> dict:
 
 
 def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
-    """Build the shards of `cfg`, or repair and continue them. Returns shards, tokens, documents and
-    finished for the folder; new_tokens and seconds (after start-up) for this run."""
+    """Build, or repair and continue, `cfg`'s shards: shards, tokens, documents, finished; new_tokens, seconds."""
     files, out = local_files(cfg.dataset), cfg.out_dir
     workers = available_cpus() if cfg.workers is None else cfg.workers
     cfg = dataclasses.replace(  # as the manifest records it
         cfg, dataset=os.path.abspath(os.path.expanduser(cfg.dataset)) if files else cfg.dataset,
         name=cfg.name or (DEFAULT_NAME if cfg.dataset == DEFAULT_DATASET else None), workers=workers)
     gpt2_tokenizer()  # before forking: the workers share its tables, not build their own
+    parquet_file.cache_clear()  # files of an earlier build() in this process may have changed since
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
-    # processes forked before `datasets` starts threads; --workers 0: a thread of this process
-    with multiprocessing.Pool(workers, _init_worker) if workers else multiprocessing.pool.ThreadPool(1) as pool:
-        ds, manifest = open_dataset(cfg, files), open_out_dir(cfg)
+    # forked before `datasets` starts threads, ignoring Ctrl-C, dying on SIGTERM; --workers 0: a thread here
+    handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with multiprocessing.Pool(workers) if workers else multiprocessing.pool.ThreadPool(1) as pool:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+        manifest = open_out_dir(cfg)
         shards = manifest["shards"]
         t0, new_tokens = time.perf_counter(), 0
         if shards and not manifest["finished"] and shards[-1]["tokens"] < cfg.shard_size:
@@ -277,7 +299,7 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
             run = shards[first : next(i for i in itertools.count(first) if i + 1 not in bad) + 1]
             log(f"{PROG}: rewriting {', '.join(s['file'] for s in run)} (missing or corrupt)")
             with bar(total=sum(s["tokens"] for s in run), desc="repair") as b:
-                write_shards(ds, pool, cfg, manifest, first, run[0]["start"], b.total, b)
+                write_shards(files, pool, cfg, manifest, first, run[0]["start"], b.total, b)
         done = sum(s["tokens"] for s in shards)
         if manifest["finished"] or (cfg.max_tokens is not None and done >= cfg.max_tokens):
             log(f"{PROG}: {out} holds {len(shards)} shards, {done:,} tokens; nothing more to do")
@@ -287,7 +309,7 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
             with bar(total=cfg.max_tokens, desc=PROG, initial=done) as b:
                 budget = None if cfg.max_tokens is None else cfg.max_tokens - done
                 start = shards[-1]["end"] if shards else [0, 0]
-                new_tokens, manifest["finished"] = write_shards(ds, pool, cfg, manifest, len(shards),
+                new_tokens, manifest["finished"] = write_shards(files, pool, cfg, manifest, len(shards),
                                                                 start, budget, b)
             save_manifest(out, manifest)
     seconds, (last_doc, offset) = time.perf_counter() - t0, shards[-1]["end"]
@@ -474,7 +496,6 @@ def atomic_write(path: str, write):
 def download(url: str, path: str):
     """Fetch `url` to `path` by atomic_write (a cut download never looks done); raises OSError."""
     import urllib.request  # its URLError is an OSError
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with urllib.request.urlopen(url, timeout=60) as response:
         atomic_write(path, lambda f: shutil.copyfileobj(response, f))

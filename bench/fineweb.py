@@ -8,15 +8,16 @@ bench/fineweb.py: how fast fineweb.py turns text into shards, next to two yardst
 It builds a local corpus of real text (Tiny Shakespeare paragraphs, and every HellaSwag context
 followed by each of its endings, as documents, repeated up to --corpus-mb) in a parquet file, then
 times on the same documents:
-  (a) fineweb:  fineweb.build() itself on the parquet file: the main process streams it with
-                `datasets` and sends Arrow batches to --workers processes that tokenize them; it
-                writes .npy shards, checksums and the manifest to a temporary folder
+  (a) fineweb:  fineweb.build() itself on the parquet file: the main process hands out its row
+                groups to --workers processes that read and tokenize them; it writes .npy shards,
+                checksums and the manifest to a temporary folder. Its CPU-seconds, the main
+                process's and the workers', say how many workers one main process can feed
   (b) simple:   the approach of the original build-nanogpt script: a Pool of cpu_count()//2
                 processes, pool.imap(tokenize, docs, chunksize=16), one uint16 array per document
                 (made from a Python list with 50256 in front), copied into a shard buffer, np.save
   (c) limit:    tiktoken alone, no reading, transfer or writing: --workers processes each encode
                 their share of the documents (preloaded) with encode_ordinary in a plain loop
-  (c') limit':  as (c) but encoding fineweb's way (fineweb.tokenize_batch on whole batches)
+  (c') limit':  as (c) but encoding fineweb's way (fineweb.tokenize_batch on whole row groups)
 Start-up (worker processes, tokenizer load, opening the dataset) is not timed. Each method runs
 --repeat times, interleaved, and the fastest run counts. It prints tokens/s, the ratios, the peak
 memory of the parent plus its children (sampled every 50 ms in one more, untimed run of each method:
@@ -29,6 +30,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -39,6 +41,7 @@ import psutil
 
 import fineweb
 
+ROW_GROUP = 1000  # documents per parquet row group of the corpus
 
 
 # -----------------------------------------------------------------------------------------------
@@ -73,7 +76,7 @@ def write_corpus(data_dir: str, corpus_mb: float, path: str) -> dict:
     copies = max(1, round(corpus_mb * 1e6 / base_bytes))
     docs = base * copies
     # row groups of 1,000 documents, as datatrove (the tool FineWeb was made with) writes them
-    pq.write_table(pa.table({"text": docs}), path, row_group_size=1000)
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=ROW_GROUP)
     return {"documents": len(docs), "bytes": base_bytes * copies, "copies": copies}
 
 
@@ -120,9 +123,17 @@ class PeakMemory:
 # (a) fineweb.py
 
 
-def run_fineweb(corpus: str, out_dir: str, shard_size: int, workers: int) -> tuple[int, float]:
+def run_fineweb(corpus: str, out_dir: str, shard_size: int, workers: int, cpu: dict) -> tuple[int, float]:
+    """fineweb.build(); adds the CPU-seconds of this (the main) process and of the workers to `cpu`
+    (the workers' are counted once they are reaped, at the end of build())."""
+    def times():
+        return [sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+
     cfg = fineweb.BuildConfig(dataset=corpus, out_dir=out_dir, shard_size=shard_size, workers=workers)
+    fineweb.gpt2_tokenizer()  # built once per process (~0.5 s), not per build
+    before = times()
     summary = fineweb.build(cfg, progress=False, log=lambda *a: None)
+    cpu["main"], cpu["workers"] = (b - a for a, b in zip(before, times()))
     return summary["new_tokens"], summary["seconds"]  # seconds: after the workers are up
 
 
@@ -178,20 +189,12 @@ def run_simple(corpus: str, out_dir: str, shard_size: int) -> tuple[int, float]:
 # (c) the limit: tiktoken alone on every core, documents already in the workers' memory
 
 
-def _limit_worker(corpus, part, parts, batched, batch_chars, barrier, results):
+def _limit_worker(corpus, part, parts, batched, barrier, results):
     import pyarrow.parquet as pq
 
     column = pq.read_table(corpus, columns=["text"]).column(0)
     docs = column[part * len(column) // parts : (part + 1) * len(column) // parts].to_pylist()
-    if batched:  # fineweb's batches, made before the clock starts
-        batches, batch, chars = [], [], 0
-        for doc in docs:
-            batch.append(doc)
-            chars += len(doc)
-            if chars >= batch_chars:
-                batches.append(batch)
-                batch, chars = [], 0
-        batches.append(batch)
+    batches = [docs[i : i + ROW_GROUP] for i in range(0, len(docs), ROW_GROUP)]  # fineweb's tasks
     enc = fineweb.gpt2_tokenizer()
     barrier.wait()
     n = 0
@@ -204,10 +207,10 @@ def _limit_worker(corpus, part, parts, batched, batch_chars, barrier, results):
     results.put((n, time.perf_counter()))
 
 
-def run_limit(corpus: str, workers: int, batched: bool, batch_chars: int) -> tuple[int, float]:
+def run_limit(corpus: str, workers: int, batched: bool) -> tuple[int, float]:
     barrier, results = multiprocessing.Barrier(workers + 1), multiprocessing.Queue()
     procs = [
-        multiprocessing.Process(target=_limit_worker, args=(corpus, i, workers, batched, batch_chars, barrier, results))
+        multiprocessing.Process(target=_limit_worker, args=(corpus, i, workers, batched, barrier, results))
         for i in range(workers)
     ]
     for p in procs:
@@ -283,13 +286,14 @@ def main():
             f"({info['copies']} copies of {args.data_dir or 'the test data'}); {cpu} CPUs; workers {args.workers}; "
             f"shards of {args.shard_size:,} tokens; best of {args.repeat}"
         )
-        batch = fineweb.BATCH_CHARS
+        cpu_s = {}  # run -> CPU-seconds of (a)
         methods = {
-            "(a) fineweb": lambda run: run_fineweb(corpus, os.path.join(tmp, f"a{run}"), args.shard_size, args.workers),
+            "(a) fineweb": lambda run: run_fineweb(corpus, os.path.join(tmp, f"a{run}"), args.shard_size, args.workers,
+                                                   cpu_s.setdefault(run, {})),
             f"(b) simple, {max(1, cpu // 2)} procs":
                 lambda run: run_simple(corpus, os.path.join(tmp, f"b{run}"), args.shard_size),
-            "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False, batch),
-            "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True, batch),
+            "(c) limit, encode_ordinary": lambda run: run_limit(corpus, args.workers, False),
+            "(c') limit, tokenize_batch": lambda run: run_limit(corpus, args.workers, True),
         }
         best = {}  # name -> (tokens, seconds, other load) of its fastest run
         for run in range(args.repeat + 1):  # the last run measures memory
@@ -303,6 +307,7 @@ def main():
                 result = measured(lambda: method(run))
                 if name not in best or result[1] < best[name][1]:
                     best[name] = result
+                    cpu_s["best"] = cpu_s[run] if name.startswith("(a)") else cpu_s.get("best")
         same = np.array_equal(read_shards(os.path.join(tmp, "a0")), read_shards(os.path.join(tmp, "b0")))
 
     rate = {name: best[name][0] / best[name][1] for name in methods}
@@ -313,6 +318,9 @@ def main():
         )
     a, b, c, c2 = (rate[name] for name in methods)
     print(f"(a)/(b) = {a / b:.2f}x   (a)/(c) = {a / c:.0%}   (a)/(c') = {a / c2:.0%}")
+    main_s, workers_s = cpu_s["best"]["main"], cpu_s["best"]["workers"]
+    print(f"(a) CPU-seconds: main process {main_s:.2f}, workers {workers_s:.2f}; workers / main = "
+          f"{workers_s / main_s:.1f}: one main process feeds {workers_s / main_s:.0f} workers")
     print(f"(a) and (b) wrote the same tokens: {'yes' if same else 'NO'}")
     sys.exit(0 if same else 1)
 

@@ -1,6 +1,8 @@
 """bench/train.py (python -m bench.train): it runs end to end, and the peer it compares with does the same work
 as our model."""
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -63,3 +65,16 @@ def test_bench_hellaswag_runs(hellaswag_val):
                        env=env1(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "predictions agree: acc 6/6, acc_norm 6/6" in p.stdout, p.stdout
+
+
+def test_bench_fineweb_runs(hellaswag_val, tmp_path):
+    """python -m bench.fineweb on a small corpus: its four rows, the CPU-seconds line, the same tokens."""
+    shutil.copy(os.path.join(ROOT, "input.txt"), tmp_path / "tinyshakespeare.txt")
+    shutil.copy(hellaswag_val, tmp_path / "hellaswag_val.jsonl")
+    command = ["-m", "bench.fineweb", "--data-dir", tmp_path, "--corpus-mb", "1", "--repeat", "1", "--wait-idle", "0",
+               "--workers", "2", "--shard-size", "100000"]
+    p = subprocess.run([sys.executable, *command], cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert len(re.findall(r"M tokens/s", p.stdout)) == 4, p.stdout
+    assert re.search(r"CPU-seconds: main process [\d.]+, workers [\d.]+; .*main process feeds \d+ workers", p.stdout)
+    assert "wrote the same tokens: yes" in p.stdout

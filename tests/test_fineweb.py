@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,9 +112,9 @@ def shard_files(out_dir) -> list[str]:
     return sorted(n for n in os.listdir(out_dir) if n.endswith(".npy"))
 
 
-def write_parquet(path, docs, **extra_columns):
+def write_parquet(path, docs, row_group_size=16, **extra_columns):
     table = pa.table({"id": [f"doc{i}" for i in range(len(docs))], "text": docs, **extra_columns})
-    pq.write_table(table, path, row_group_size=64)
+    pq.write_table(table, path, row_group_size=row_group_size)
     return str(path)
 
 
@@ -160,11 +161,9 @@ def parquet_corpus(documents, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def built(parquet_corpus, tmp_path_factory):
-    """An unbroken build of parquet_corpus, 2 workers, small batches (many tasks in flight)."""
+    """An unbroken build of parquet_corpus, 2 workers, a task per row group of 16 documents (many in flight)."""
     out = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(fineweb, "BATCH_CHARS", 3000)
-        build(parquet_corpus, out, workers=2)
+    build(parquet_corpus, out, workers=2)
     return out
 
 
@@ -184,11 +183,19 @@ def test_shards_are_tiktoken_per_document_cut_every_shard_size(built, documents,
     assert sum(e["start"][0] == long_doc and e["start"][1] > 0 for _, e in expected.values()) >= 2
 
 
-@pytest.mark.parametrize("workers, read_docs", [(0, 512), (1, 7)])
-def test_same_bytes_whatever_the_worker_count_and_read_size(parquet_corpus, expected, tmp_path, monkeypatch,
-                                                            workers, read_docs):
-    monkeypatch.setattr(fineweb, "READ_DOCS", read_docs)  # `datasets` hands over 7 documents at a time
-    build(parquet_corpus, tmp_path, workers=workers)
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_same_bytes_whatever_the_worker_count_and_row_groups(documents, expected, tmp_path, workers):
+    for rows in (7, 1000):  # the workers read row groups of 7 or 1,000 documents themselves
+        build(write_parquet(tmp_path / f"{rows}.parquet", documents, row_group_size=rows), tmp_path / str(rows),
+              workers=workers)
+        assert_built(tmp_path / str(rows), expected)
+
+
+def test_huge_row_groups_are_read_by_datasets(parquet_corpus, expected, tmp_path, monkeypatch):
+    monkeypatch.setattr(fineweb, "ROW_GROUP_BYTES", 1000)  # every row group is "huge": the main process reads
+    monkeypatch.setattr(fineweb, "READ_DOCS", 7)  # `datasets` hands over 7 documents at a time
+    assert fineweb.worker_parquet(parquet_corpus, "text") is None
+    build(parquet_corpus, tmp_path, workers=0)
     assert_built(tmp_path, expected)
 
 
@@ -212,12 +219,10 @@ def test_import_does_no_work_and_no_torch():
 # Resume
 
 
-def test_resume_after_max_tokens_equals_one_run(parquet_corpus, expected, tmp_path, monkeypatch):
-    monkeypatch.setattr(fineweb, "READ_DOCS", 7)  # resumed at another read size: the same bytes
+def test_resume_after_max_tokens_equals_one_run(parquet_corpus, expected, tmp_path):
     first = build(parquet_corpus, tmp_path, workers=2, max_tokens=2 * SHARD + 1234)
     assert first["tokens"] == 2 * SHARD + 1234 and not first["finished"]
     assert [len(np.load(os.path.join(tmp_path, n))) for n in shard_files(tmp_path)] == [SHARD, 1234, SHARD]
-    monkeypatch.setattr(fineweb, "READ_DOCS", 512)
     again = build(parquet_corpus, tmp_path, workers=2, max_tokens=2 * SHARD)  # less than there already is
     assert again["new_tokens"] == 0
     build(parquet_corpus, tmp_path, workers=2, max_tokens=4 * SHARD)  # the short shard is rewritten, then more
@@ -392,7 +397,7 @@ def paragraphs_of(text) -> list[str]:
 def test_files_and_folders_of_each_kind(hellaswag_val, play, tmp_path, monkeypatch):
     """Parquet, JSON lines and text files made from the test data, one by one and as one folder (nested, hidden
     and other files skipped): the shards are the reference build of the documents each holds."""
-    monkeypatch.setattr(fineweb, "BATCH_CHARS", 3000)
+    monkeypatch.setattr(fineweb, "READ_DOCS", 7)  # `datasets` hands over 7 documents at a time
     with open(hellaswag_val, encoding="utf-8") as f:
         contexts = [json.loads(line)["ctx"] for line, _ in zip(f, range(300))]
     folder = tmp_path / "corpus"
@@ -426,34 +431,36 @@ def test_paragraph_and_line_documents_at_blank_lines(tmp_path):
     normalized = text.replace("\r\n", "\n")
     for mode, docs in [("paragraph", paragraphs_of(normalized)), ("line", lines_of(normalized))]:
         cfg = fineweb.BuildConfig(dataset=str(tmp_path), txt_docs=mode)
-        ds = fineweb.open_dataset(cfg, [str(tmp_path / "edge.txt")])
-        assert [d for _, batch in fineweb.batches(ds, 0, "edge") for d in batch.to_pylist()] == docs
+        tasks = fineweb.tasks(cfg, [str(tmp_path / "edge.txt")], 0)  # Arrow texts read by `datasets`
+        assert [d for _, batch in tasks for d in batch.to_pylist()] == docs
 
 
-def test_hub_reader_streaming_and_downloaded(documents, tmp_path, monkeypatch):
-    """The hub path of open_dataset (files=None) through `datasets` (offline: a local folder is a valid
-    dataset path for load_dataset), streamed and downloaded to the HF cache first."""
+def test_hub_dataset_streamed_and_downloaded(documents, expected, tmp_path, monkeypatch, capsys):
+    """A hub name through `datasets` (offline: a local folder is a valid dataset path for load_dataset). Streamed:
+    `load_dataset_builder` names its parquet files and the workers read them; downloaded to the HF cache first:
+    `datasets` reads it here."""
     import datasets
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # as HF_DATASETS_CACHE sets it
+    monkeypatch.setattr(fineweb, "local_files", lambda dataset: None)  # the folder stands for a hub name
+    monkeypatch.setattr(fineweb, "READ_DOCS", 7)
     folder = tmp_path / "hub_like"
     os.makedirs(folder)
     write_parquet(folder / "train.parquet", documents)
-
-    def texts(ds, start=0):
-        return [d for _, batch in fineweb.batches(ds, start, "hub") for d in batch.to_pylist()]
-
+    assert fineweb.open_dataset(fineweb.BuildConfig(dataset=str(folder)), None) == [str(folder / "train.parquet")]
     for streaming in (True, False):
-        ds = fineweb.open_dataset(fineweb.BuildConfig(dataset=str(folder), streaming=streaming), None)
-        assert texts(ds) == documents
-        assert texts(ds, start=150) == documents[150:]
+        out = tmp_path / f"out_{streaming}"
+        build(folder, out, streaming=streaming, workers=2, max_tokens=2 * SHARD + 123)  # stopped, then continued
+        build(folder, out, streaming=streaming, workers=2)
+        assert_built(out, expected)
     assert os.listdir(tmp_path / "cache")
-    cfg = fineweb.BuildConfig(dataset=str(folder), text_column="body")
-    columns = r"cannot load --dataset .*hub_like from the hub: .*'body'.*'id', 'text'"  # `datasets` names them
-    with pytest.raises(fineweb.UserError, match=columns):
-        fineweb.open_dataset(cfg, None)
+    for streaming, where in [("--streaming", r".*train\.parquet: cannot read it as parquet"),
+                             ("--no-streaming", r"cannot load --dataset .*hub_like from the hub")]:
+        line = main_error(capsys, "--dataset", folder, "--text-column", "body", streaming, "--out-dir", tmp_path / "o")
+        assert re.search(where + r".*'body'.*'id', 'text'", line), line  # `datasets` names the columns
+    assert not os.path.exists(tmp_path / "o")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -511,7 +518,6 @@ def test_non_string_text(documents, tmp_path, capsys, monkeypatch):
     assert "d.jsonl" in line and ("holds values of mixed JSON types" in line or "changed from string to number" in line)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("o")]  # no folder for a run that wrote nothing
     # a bad value deep in the file, found while building: the shards before it are kept whole, nothing half-written
-    monkeypatch.setattr(fineweb, "BATCH_CHARS", 2000)
     parquet = write_parquet(tmp_path / "deep.parquet", (documents * 13)[:5000] + [None])
     assert "deep.parquet: document 5,000 (counting from 0) has no text" in main_error(
         capsys, "--dataset", parquet, "--out-dir", tmp_path / "o2", "--shard-size", 20000)
