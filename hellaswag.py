@@ -306,6 +306,7 @@ def main(argv=None):
                       **{k: result[k] for k in keys}}
             atomic_write(args.out, lambda f: f.write(json.dumps(record).encode()))
         tg.print0(summary(result, args.split))
+        tg.cleanup_distributed(finished=True)
     except (UserError, OSError, ValueError) as e:
         if d is None or d.is_main or not isinstance(e, UserError):  # ranks share bad input
             print(f"hellaswag.py: error: {e}", file=sys.stderr)

@@ -544,9 +544,11 @@ def setup_distributed(device_arg: str = "auto", timeout_minutes: float = 10) -> 
     return Dist(rank, local_rank, world_size, device, device.type, world_size > 1, rank == 0)
 
 
-def cleanup_distributed():
+def cleanup_distributed(finished=False):
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        if finished:  # exit now: Python's teardown has aborted finished ranks (SIGABRT, a c10d thread)
+            sys.stdout.flush(), sys.stderr.flush(), os._exit(0)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1461,19 +1463,16 @@ def keep_freed_memory():
 
 
 # Dense peak FLOP/s of one GPU in training's precision (bf16; fp16 before Ampere), NVIDIA's data sheets
-GPU_PEAK_FLOPS = {
-    "H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12,
-    "GH200": 989e12, "H800": 989e12, "H800 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
-    "A10": 125e12, "A40": 149.7e12, "RTX A6000": 154.8e12, "L4": 121e12, "L40": 181e12, "L40S": 362e12,
-    "RTX 6000": 364.2e12, "RTX 3090": 71e12, "RTX 4090": 165.2e12,  # RTX 6000 = RTX 6000 Ada
-    "V100": 125e12, "V100 PCIe": 112e12, "V100S": 130e12, "T4": 65e12,
-}
+GPU_PEAK_FLOPS = {  # "RTX 6000": the RTX 6000 Ada
+    "H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
+    "H800": 989e12, "H800 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "A10": 125e12,
+    "A40": 149.7e12, "RTX A6000": 154.8e12, "L4": 121e12, "L40": 181e12, "L40S": 362e12, "RTX 6000": 364.2e12,
+    "RTX 3090": 71e12, "RTX 4090": 165.2e12, "V100": 125e12, "V100 PCIe": 112e12, "V100S": 130e12, "T4": 65e12}
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Peak FLOP/s of a GPU from its torch.cuda.get_device_name(), or None. The exact model, never a
-    substring (an "L40S" is no "L4"), with its form factor: "NVIDIA H100 80GB HBM3" -> "H100",
-    "NVIDIA H100 PCIe" -> "H100 PCIe" (a lower clock), "Tesla V100-SXM2-16GB" -> "V100"."""
+    """Peak FLOP/s of a GPU from its torch.cuda.get_device_name(), or None: the exact model (an "L40S" is
+    no "L4") and form ("NVIDIA H100 80GB HBM3" -> "H100", "NVIDIA H100 PCIe" -> "H100 PCIe")."""
     words = [w for w in re.split(r"[\s\-_]+", device_name.upper())
              if w and w not in ("NVIDIA", "TESLA", "GEFORCE")]
     if not words or "MIG" in words:  # a MIG slice has a fraction of the GPU's peak
@@ -1487,8 +1486,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def make_deterministic():
-    """The same command, the same losses to the bit. CPU: MKL's dynamic threading (fewer threads on a
-    busy machine reorder sums) goes off with set_num_threads. CUDA: deterministic kernels."""
+    """The same command, the same losses to the bit: set_num_threads ends MKL's dynamic threading
+    (fewer threads on a busy machine reorder sums); CUDA: deterministic kernels."""
     torch.set_num_threads(torch.get_num_threads())
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -1534,6 +1533,7 @@ def main(argv=None):
         model = (evaluate_only if cfg.eval_only else train)(cfg, d, prep)  # None if stopped
         if model is not None and cfg.export_hf and d.is_main:
             print0(f"exported the model in Hugging Face format to {model.export_hf(cfg.export_hf)}")
+        cleanup_distributed(finished=True)
     except UserError as e:
         print(f"train_gpt2.py: error: {e}", file=sys.stderr)
         sys.exit(1 if d is not None else 2)
