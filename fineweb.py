@@ -13,6 +13,8 @@ command resumes it and rewrites missing or corrupt shards, byte for byte. README
     python fineweb.py --verify                        # check edu_fineweb10B/ against its manifest
 """
 import argparse
+import concurrent.futures
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -20,12 +22,12 @@ import glob
 import hashlib
 import itertools
 import json
-import multiprocessing.pool
 import os
 import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -47,7 +49,8 @@ BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "t
 TXT_DOCS = {"file": "document", "paragraph": "paragraph", "line": "line"}  # -> text's sample_by
 SEQUENCE = 1025  # tokens of one GPT-2 training sequence: 1024 inputs + 1 target
 READ_DOCS = 1024  # documents per worker task when `datasets` reads them in the main process
-ROW_GROUP_BYTES = 32 << 20  # a task of the workers' own reading: one parquet row group, at most this
+ROW_GROUP_BYTES = 32 << 20  # parquet row groups up to this size the workers read themselves, ...
+TASK_BYTES = 4 << 20  # ... as many consecutive ones as this holds, or one, a task
 INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
 
 # -----------------------------------------------------------------------------------------------
@@ -114,12 +117,9 @@ def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
     """(first document, task) from document `start` on: (parquet file, row group, first row), or Arrow texts."""
     doc, column = 0, cfg.text_column
     for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
-        for path in run if by_workers else []:  # row groups before `start` are not read
-            meta = worker_parquet(path, column)
-            for i in range(meta.num_row_groups):
-                if doc + meta.row_group(i).num_rows > start:
-                    yield max(doc, start), (path, i, max(start - doc, 0))
-                doc += meta.row_group(i).num_rows
+        for path in run if by_workers else []:
+            yield from row_group_tasks(path, meta := worker_parquet(path, column), doc, start)
+            doc += meta.num_rows
         source = None if by_workers else open_dataset(cfg, files and list(run))
         if isinstance(source, list):  # a streamed hub dataset's parquet files: read as local ones are
             yield from tasks(cfg, source, start)
@@ -140,32 +140,58 @@ def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
             doc += len(texts)
 
 
-def tokenize_task(doc: int, task, column: str, label: str) -> np.ndarray:
-    """In a worker: the tokens of texts (strings), or of (parquet file, row group, first row) read here."""
+def row_group_tasks(path: str, meta: pq.FileMetaData, doc: int, start: int):
+    """(first document, (path, row groups, first row)) for the file's row groups from document `start` on
+    (`doc`: its first), consecutive ones together up to TASK_BYTES; those before `start` are not read."""
+    task, size = None, 0
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        if doc + group.num_rows > start:
+            if task and size + group.total_byte_size > TASK_BYTES:
+                yield task
+                task = None
+            if not task:
+                task, size = (max(doc, start), (path, [], max(start - doc, 0))), 0
+            task[1][1].append(i)
+            size += group.total_byte_size
+        doc += group.num_rows
+    if task:
+        yield task
+
+
+def tokenize_task(doc: int, task, column: str, label: str, folder: str) -> tuple[str, int]:
+    """In a worker: the tokens of texts (strings), or of (parquet file, row group, first row) read here,
+    into a file in `folder`; returns its path and length (tokens cross no pipe, to or from here)."""
     if isinstance(task, tuple):
-        path, group, first = task
+        path, groups, first = task
         try:
-            task = parquet_file(path).read_row_group(group, columns=[column]).column(0)[first:]
+            task = parquet_file(path).read_row_groups(groups, columns=[column]).column(0)[first:]
         except Exception as e:  # a lost connection, a damaged file
             raise UserError(f"reading {label} failed near document {doc:,}: {first_line(e)}") from None
     if task.null_count:
         i = doc + task.is_null().to_pylist().index(True)
         raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
-    return tokenize_batch(task)
+    (tokens := tokenize_batch(task)).tofile(path := os.path.join(folder, f"{doc}.tokens"))
+    return path, len(tokens)
 
 
-def tokenized(pool, cfg: "BuildConfig", files: list[str] | None, start: int):
-    """(first_doc, tokens) in order; INFLIGHT_PER_WORKER tasks a worker handed out ahead (imap: all)."""
-    pending, args = [], (cfg.text_column, cfg.dataset)
-    for doc, task in tasks(cfg, files, start):
-        pending.append((doc, pool.apply_async(tokenize_task, (doc, task, *args))))
-        if len(pending) >= INFLIGHT_PER_WORKER * max(cfg.workers, 1):
-            yield pending[0][0], pending.pop(0)[1].get()
-    yield from ((doc, result.get()) for doc, result in pending)
+def tokenized(executor, folder: str, cfg: "BuildConfig", files: list[str] | None, start: int):
+    """(first document, tokens file, its length) in order; INFLIGHT_PER_WORKER tasks a worker ahead."""
+    pending, args = collections.deque(), (cfg.text_column, cfg.dataset, folder)
+    try:
+        for doc, task in tasks(cfg, files, start):
+            pending.append((doc, executor.submit(tokenize_task, doc, task, *args)))
+            if len(pending) >= INFLIGHT_PER_WORKER * max(cfg.workers, 1):
+                yield pending[0][0], *pending.popleft()[1].result()
+        while pending:
+            yield pending[0][0], *pending.popleft()[1].result()
+    finally:  # an error, Ctrl-C: the tasks not started are dropped
+        for _, future in pending:
+            future.cancel()
 
 
 # -----------------------------------------------------------------------------------------------
-# Shards, written whole or not at all, then recorded in the manifest (sha256, start and end)
+# Shards, written whole or not at all by the workers, then recorded in the manifest in order
 
 
 def position(tokens: np.ndarray, doc: int, k: int) -> list[int]:
@@ -174,54 +200,75 @@ def position(tokens: np.ndarray, doc: int, k: int) -> list[int]:
     return [doc + len(starts), 0] if k == len(tokens) else [doc + len(starts) - 1, k - int(starts[-1])]
 
 
-def write_shard(cfg: "BuildConfig", manifest: dict, index: int, tokens: np.ndarray, start, end):
-    """Save shard `index`, then record it in the manifest; a repaired one must match its record."""
+def write_shard(out_dir: str, index: int, pieces: list, start, end, known: dict | None) -> dict:
+    """In a worker: shard `index`, made of pieces (tokens file, first, end), saved whole as .<name>.whole (the
+    main process renames it as it records it); returns its manifest entry. A repaired shard that comes out
+    other than `known` is not saved."""
+    tokens = np.concatenate([np.memmap(part, np.uint16, mode="r")[a:b] for part, a, b in pieces])
     name = shard_name(PREFIX, index)
     entry = {"file": name, "split": "val" if index == 0 else "train", "tokens": len(tokens),
              "documents": int(np.count_nonzero(tokens == EOT)), "start": start, "end": end}
-    known = manifest["shards"][index] if index < len(manifest["shards"]) else None
 
     def write(f):
-        np.save(f, tokens, allow_pickle=False)
+        np.save(f.raw, tokens, allow_pickle=False)  # f.raw: numpy writes the array itself, no copy
         f.seek(0)
-        entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
         if known and entry != known:  # before the rename: the shard on disk stays as it was
             raise UserError(f"{name} comes out other than {MANIFEST} says: the source changed")
 
-    os.makedirs(cfg.out_dir, exist_ok=True)  # with the first shard: a failed run leaves no folder
-    atomic_write(os.path.join(cfg.out_dir, name), write)
-    if not known:
-        manifest["shards"].append(entry)
-        save_manifest(cfg.out_dir, manifest)
+    os.makedirs(out_dir, exist_ok=True)  # with the first shard: a failed run leaves no folder
+    atomic_write(os.path.join(out_dir, f".{name}.whole"), write)
+    return entry
 
 
 def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
     """Shards from number `index` and position `start` on, until `budget` tokens or the end of the data (a
     full shard waits for one more token); returns the tokens taken, whether data ran out."""
-    buffer = np.empty(cfg.shard_size, dtype=np.uint16)  # the shard being filled
-    (first_doc, first_offset), fill, new = start, 0, 0  # fill: tokens in it; new: tokens taken in this call
-    for doc, tokens in tokenized(pool, cfg, files, first_doc):
-        k = first_offset if doc == first_doc else 0  # the batch's first token to take
-        if k and (k >= len(tokens) or tokens[k] == EOT):
-            raise UserError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed")
-        end = len(tokens) if budget is None else min(len(tokens), k + budget - new)
-        bar.update(end - k)
-        new += end - k
-        while k < end:
-            if fill == len(buffer):
-                stop = position(tokens, doc, k)
-                write_shard(cfg, manifest, index, buffer, start, stop)
-                index, start, fill = index + 1, stop, 0
-            take = min(end - k, len(buffer) - fill)
-            buffer[fill : fill + take] = tokens[k : k + take]
-            fill, k = fill + take, k + take
-        if budget is not None and new >= budget:
-            break
-    if index == 0 and not manifest["shards"]:  # a val shard and nothing to train on
-        raise UserError(f"--dataset {cfg.dataset} gives {new:,} tokens (all, or --max-tokens): too few for "
-                        f"a val and a train shard of --shard-size {cfg.shard_size:,}")
-    if fill:
-        write_shard(cfg, manifest, index, buffer[:fill], start, position(tokens, doc, end))
+    (executor, folder), shards, writing = pool, manifest["shards"], collections.deque()
+    pieces, used_up, fill, new = [], [], 0, 0  # the shard being filled: its pieces, tokens files it finishes
+    first_doc, first_offset = start
+
+    def shard_to_worker(stop):
+        nonlocal index, start, pieces, used_up, fill
+        known = shards[index] if index < len(shards) else None
+        writing.append((executor.submit(write_shard, cfg.out_dir, index, pieces, start, stop, known), used_up))
+        index, start, pieces, used_up, fill = index + 1, stop, [], [], 0
+
+    def record(wait: bool):  # written shards, in order, take their names and enter the manifest
+        while writing and (wait or writing[0][0].done()):
+            name = (entry := writing[0][0].result())["file"]  # a failed write stays first: none after it
+            os.replace(os.path.join(cfg.out_dir, f".{name}.whole"), os.path.join(cfg.out_dir, name))
+            if entry not in shards:  # else a repaired shard
+                shards.append(entry)
+            save_manifest(cfg.out_dir, manifest)  # also makes the rename durable
+            for part in writing.popleft()[1]:  # tokens files no shard needs any more
+                os.remove(part)
+
+    try:  # an error, Ctrl-C: the shards before it are kept
+        for doc, part, n in tokenized(executor, folder, cfg, files, first_doc):
+            k = first_offset if doc == first_doc else 0  # the first token to take
+            if k and (k >= n or np.fromfile(part, np.uint16)[k] == EOT):
+                raise UserError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed")
+            end = n if budget is None else min(n, k + budget - new)
+            bar.update(end - k)
+            new += end - k
+            while k < end:
+                if fill == cfg.shard_size:
+                    shard_to_worker(position(np.fromfile(part, np.uint16), doc, k))
+                take = min(end - k, cfg.shard_size - fill)
+                pieces.append((part, k, k + take))
+                used_up += [part] if k + take == n else []
+                fill, k = fill + take, k + take
+            record(wait=False)
+            if budget is not None and new >= budget:
+                break
+        if index == 0 and not shards:  # a val shard and nothing to train on
+            raise UserError(f"--dataset {cfg.dataset} gives {new:,} tokens (all, or --max-tokens): too few for "
+                            f"a val and a train shard of --shard-size {cfg.shard_size:,}")
+        if fill:
+            shard_to_worker(position(np.fromfile(part, np.uint16), doc, end))
+    finally:
+        record(wait=True)
     return new, budget is None or new < budget
 
 
@@ -268,7 +315,7 @@ def open_out_dir(cfg: "BuildConfig") -> dict:
                         "rerun with the same settings to resume, or choose another --out-dir")
     listed = {s["file"] for s in manifest["shards"]}  # temporary files, a shard not listed yet:
     for name in names:
-        if name.startswith((f".{PREFIX}_", f".{MANIFEST}.")) or name in ours and name not in listed:
+        if name[:1] == "." and name.lstrip(".").startswith((f"{PREFIX}_", f"{MANIFEST}.")) or name in ours and name not in listed:
             os.remove(os.path.join(out, name))
     return {**manifest, "settings": settings}
 
@@ -284,10 +331,11 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
     parquet_file.cache_clear()  # files of an earlier build() in this process may have changed since
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
-    # forked before `datasets` starts threads, ignoring Ctrl-C, dying on SIGTERM; --workers 0: a thread here
-    handlers = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with multiprocessing.Pool(workers) if workers else multiprocessing.pool.ThreadPool(1) as pool:
-        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+    with tempfile.TemporaryDirectory(prefix="fineweb-") as folder, (  # --workers 0: a thread here
+            concurrent.futures.ProcessPoolExecutor(workers, initializer=quiet_worker) if workers
+            else concurrent.futures.ThreadPoolExecutor(1)) as executor:
+        executor.submit(int)  # forks the workers now, before `datasets` or tqdm start threads here
+        pool = executor, folder
         manifest = open_out_dir(cfg)
         shards = manifest["shards"]
         t0, new_tokens = time.perf_counter(), 0
@@ -319,6 +367,10 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
         log(f"{PROG}: done: {len(shards)} shards, {summary['tokens']:,} tokens, {summary['documents']:,} documents"
             f"{'' if manifest['finished'] else ' (--max-tokens)'}; {new_tokens / seconds:,.0f} tokens/s")
     return summary
+
+
+def quiet_worker():  # Ctrl-C and `kill` are for the main process: it stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def verify(out_dir: str, log=print) -> list[str]:

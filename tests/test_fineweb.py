@@ -184,7 +184,8 @@ def test_shards_are_tiktoken_per_document_cut_every_shard_size(built, documents,
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
-def test_same_bytes_whatever_the_worker_count_and_row_groups(documents, expected, tmp_path, workers):
+def test_same_bytes_whatever_the_worker_count_and_row_groups(documents, expected, tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(fineweb, "TASK_BYTES", 5000)  # a task: one row group of 1,000 documents, or a few of 7
     for rows in (7, 1000):  # the workers read row groups of 7 or 1,000 documents themselves
         build(write_parquet(tmp_path / f"{rows}.parquet", documents, row_group_size=rows), tmp_path / str(rows),
               workers=workers)
@@ -518,6 +519,7 @@ def test_non_string_text(documents, tmp_path, capsys, monkeypatch):
     assert "d.jsonl" in line and ("holds values of mixed JSON types" in line or "changed from string to number" in line)
     assert not [n for n in os.listdir(tmp_path) if n.startswith("o")]  # no folder for a run that wrote nothing
     # a bad value deep in the file, found while building: the shards before it are kept whole, nothing half-written
+    monkeypatch.setattr(fineweb, "TASK_BYTES", 1)  # a task a row group: the shards before go to the workers first
     parquet = write_parquet(tmp_path / "deep.parquet", (documents * 13)[:5000] + [None])
     assert "deep.parquet: document 5,000 (counting from 0) has no text" in main_error(
         capsys, "--dataset", parquet, "--out-dir", tmp_path / "o2", "--shard-size", 20000)
