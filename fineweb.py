@@ -1,11 +1,11 @@
 """
 fineweb.py: a text dataset -> GPT-2 token shards (.npy, uint16) for train_gpt2.py.
 
-FineWeb-Edu sample-10BT from the hub by default, or local .parquet/.jsonl/.json/.txt files and folders:
-the workers (all cores) read parquet row groups and tokenize them; `datasets` reads the rest here. Shards
-of --shard-size tokens, edufineweb_val_000000.npy then edufineweb_train_000001.npy, ...: each document is
-<|endoftext|> (50256) then its tokens, in source order. manifest.json records the shards: rerunning a
-command resumes it and rewrites missing or corrupt shards, byte for byte. README.md ("Data") is the manual.
+FineWeb-Edu sample-10BT from the hub by default, or local .parquet/.jsonl/.json/.txt files and folders. The
+workers (all cores) read parquet row groups (`datasets` reads the rest here), tokenize, and write shards of
+--shard-size tokens, edufineweb_val_000000.npy then edufineweb_train_000001.npy, ...: each document is
+<|endoftext|> (50256) then its tokens, in source order. manifest.json records them: rerunning a command
+resumes it and rewrites missing or corrupt shards, byte for byte. README.md ("Data") is the manual.
 
     python fineweb.py                                 # FineWeb-Edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --max-tokens 20000000 --out-dir edu_fineweb_20M   # a small experiment
@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
@@ -51,10 +50,11 @@ SEQUENCE = 1025  # tokens of one GPT-2 training sequence: 1024 inputs + 1 target
 READ_DOCS = 1024  # documents per worker task when `datasets` reads them in the main process
 ROW_GROUP_BYTES = 32 << 20  # parquet row groups up to this size the workers read themselves, ...
 TASK_BYTES = 4 << 20  # ... as many consecutive ones as this holds, or one, a task
-INFLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps the workers busy while a shard is written
+INFLIGHT_PER_WORKER = 4  # tasks handed out per worker ahead: none waits for its next
 
 # -----------------------------------------------------------------------------------------------
-# Source and tokenizing: documents from `datasets`, in a fixed order, to tokens in batches
+# The pipeline: the main process hands out where to read; the workers read, tokenize, write tokens
+# files and then shards of them (whole or not at all); the main process records the shards in order
 
 
 def local_files(dataset: str) -> list[str] | None:
@@ -72,31 +72,25 @@ def local_files(dataset: str) -> list[str] | None:
 
 
 def open_dataset(cfg: "BuildConfig", files: list[str] | None):
-    """Arrow tables of --text-column from files (a `load_dataset` per run of a kind) or the hub dataset;
-    for a streamed hub dataset of parquet files, those files (hf:// paths) instead."""
+    """Arrow tables of --text-column from files of one kind, or the hub dataset; for a streamed hub dataset
+    of parquet files, those files (hf:// paths) instead."""
     import datasets
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report failures in one line
-    if files is None:  # a missing --text-column: `datasets` names the columns there are
-        try:  # network, unknown name or config, auth: the message says which
+    kind = files and BUILDERS.get(os.path.splitext(files[0])[1].lower(), "parquet")
+    try:  # a missing --text-column: `datasets` names the columns there are
+        if files is None:  # network, unknown name or config, auth: the message says which
             builder = datasets.load_dataset_builder(cfg.dataset, cfg.name)
             if cfg.streaming and builder.name == "parquet" and builder.config.data_files.get("train"):
                 return list(builder.config.data_files["train"])
             ds = datasets.load_dataset(cfg.dataset, cfg.name, split="train", streaming=cfg.streaming)
-            return ds.select_columns([cfg.text_column]).with_format("arrow")
-        except Exception as e:
-            raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}") from None
-    parts, txt = [], {"sample_by": TXT_DOCS[cfg.txt_docs],  # its one column named --text-column
-                      "features": datasets.Features({cfg.text_column: datasets.Value("string")})}
-    for builder, paths in itertools.groupby(files, lambda f: BUILDERS.get(os.path.splitext(f)[1].lower(), "parquet")):
-        paths = list(paths)
-        try:  # a parquet schema, or the first chunk of a JSON file, is read here
-            ds = datasets.load_dataset(builder, data_files=[glob.escape(p) for p in paths], split="train",
-                                       streaming=True, **(txt if builder == "text" else {}))
-            parts.append(ds.select_columns([cfg.text_column]))
-        except Exception as e:
-            raise UserError(f"{paths[0]}: cannot read it as {builder} with --text-column "
-                            f"{cfg.text_column} ({first_line(e)})") from None
-    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).with_format("arrow")
+        else:  # a parquet schema, or the first chunk of a JSON file, is read here
+            ds = datasets.load_dataset(kind, data_files=[glob.escape(p) for p in files], split="train", streaming=True,
+                                       **({"sample_by": TXT_DOCS[cfg.txt_docs]} if kind == "text" else {}))
+        return ds.select_columns(["text" if kind == "text" else cfg.text_column]).with_format("arrow")
+    except Exception as e:
+        raise UserError(f"cannot load --dataset {cfg.dataset} from the hub: {first_line(e)}" if files is None else
+                        f"{files[0]}: cannot read it as {kind} with --text-column {cfg.text_column} "
+                        f"({first_line(e)})") from None
 
 
 @functools.lru_cache(maxsize=1)  # a worker reads a file's row groups in turn: its footer is read once
@@ -114,54 +108,38 @@ def worker_parquet(path: str, column: str) -> pq.FileMetaData | None:
 
 
 def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
-    """(first document, task) from document `start` on: (parquet file, row group, first row), or Arrow texts."""
+    """(first document, task) from document `start` on: (parquet file, row groups, first row), or Arrow texts."""
     doc, column = 0, cfg.text_column
-    for by_workers, run in itertools.groupby(files or [None], key=lambda f: bool(f and worker_parquet(f, column))):
-        for path in run if by_workers else []:
-            yield from row_group_tasks(path, meta := worker_parquet(path, column), doc, start)
-            doc += meta.num_rows
-        source = None if by_workers else open_dataset(cfg, files and list(run))
+    how = lambda f: f and ("workers" if worker_parquet(f, column) else os.path.splitext(f)[1].lower())
+    for by, run in itertools.groupby(files or [None], key=how):  # runs of files read the same way
+        for path in run if by == "workers" else []:  # consecutive row groups, about TASK_BYTES of text a task
+            n = (meta := worker_parquet(path, column)).num_row_groups
+            per_task = max(1, TASK_BYTES * n // max(1, sum(meta.row_group(i).total_byte_size for i in range(n))))
+            docs = list(itertools.accumulate((meta.row_group(i).num_rows for i in range(n)), initial=doc))
+            for i in range(0, n, per_task):  # docs[i]: row group i's first document; those before `start`
+                if docs[min(i + per_task, n)] > start:  # are not read
+                    yield max(docs[i], start), (path, list(range(i, min(i + per_task, n))), max(start - docs[i], 0))
+            doc = docs[-1]
+        source = None if by == "workers" else open_dataset(cfg, files and list(run))
         if isinstance(source, list):  # a streamed hub dataset's parquet files: read as local ones are
             yield from tasks(cfg, source, start)
             return
-        reader = iter([] if by_workers else source.iter(batch_size=READ_DOCS))
-        while True:  # READ_DOCS documents a task; those before `start` are read, not tokenized
-            try:
-                texts = next(reader).column(0)
-            except StopIteration:
-                break
-            except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
-                raise UserError(f"reading {cfg.dataset} failed near document {doc:,}: {first_line(e)}") from None
-            if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-                kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
-                raise UserError(f"{cfg.dataset}: column {column!r} holds {kind}, not text")
-            if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
-                yield max(doc, start), pa.concat_arrays(texts[max(start - doc, 0) :].chunks)
-            doc += len(texts)
+        try:  # READ_DOCS documents a task; those before `start` are read, not tokenized
+            for texts in ([] if by == "workers" else (t.column(0) for t in source.iter(batch_size=READ_DOCS))):
+                if texts.type not in (pa.string(), pa.large_string()):
+                    kind = "values of mixed JSON types" if "json" in str(texts.type) else texts.type
+                    raise UserError(f"{cfg.dataset}: column {column!r} holds {kind}, not text")
+                if doc + len(texts) > start:  # compacted: a slice of a table would pickle all of its buffer
+                    yield max(doc, start), pa.concat_arrays(texts[max(start - doc, 0) :].chunks)
+                doc += len(texts)
+        except Exception as e:  # unreadable file, bad UTF-8, lost connection: finished shards stay
+            raise e if isinstance(e, UserError) else UserError(
+                f"reading {cfg.dataset} failed near document {doc:,}: {first_line(e)}") from None
 
 
-def row_group_tasks(path: str, meta: pq.FileMetaData, doc: int, start: int):
-    """(first document, (path, row groups, first row)) for the file's row groups from document `start` on
-    (`doc`: its first), consecutive ones together up to TASK_BYTES; those before `start` are not read."""
-    task, size = None, 0
-    for i in range(meta.num_row_groups):
-        group = meta.row_group(i)
-        if doc + group.num_rows > start:
-            if task and size + group.total_byte_size > TASK_BYTES:
-                yield task
-                task = None
-            if not task:
-                task, size = (max(doc, start), (path, [], max(start - doc, 0))), 0
-            task[1][1].append(i)
-            size += group.total_byte_size
-        doc += group.num_rows
-    if task:
-        yield task
-
-
-def tokenize_task(doc: int, task, column: str, label: str, folder: str) -> tuple[str, int]:
-    """In a worker: the tokens of texts (strings), or of (parquet file, row group, first row) read here,
-    into a file in `folder`; returns its path and length (tokens cross no pipe, to or from here)."""
+def tokenize_task(doc: int, task, column: str, label: str, folder: str) -> tuple[int, str, int]:
+    """In a worker: the tokens of texts (strings), or of (parquet file, row groups, first row) read here, into
+    a file in `folder`; returns doc, the file's path and length (tokens cross no pipe, to or from here)."""
     if isinstance(task, tuple):
         path, groups, first = task
         try:
@@ -172,7 +150,7 @@ def tokenize_task(doc: int, task, column: str, label: str, folder: str) -> tuple
         i = doc + task.is_null().to_pylist().index(True)
         raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
     (tokens := tokenize_batch(task)).tofile(path := os.path.join(folder, f"{doc}.tokens"))
-    return path, len(tokens)
+    return doc, path, len(tokens)
 
 
 def tokenized(executor, folder: str, cfg: "BuildConfig", files: list[str] | None, start: int):
@@ -180,34 +158,23 @@ def tokenized(executor, folder: str, cfg: "BuildConfig", files: list[str] | None
     pending, args = collections.deque(), (cfg.text_column, cfg.dataset, folder)
     try:
         for doc, task in tasks(cfg, files, start):
-            pending.append((doc, executor.submit(tokenize_task, doc, task, *args)))
+            pending.append(executor.submit(tokenize_task, doc, task, *args))
             if len(pending) >= INFLIGHT_PER_WORKER * max(cfg.workers, 1):
-                yield pending[0][0], *pending.popleft()[1].result()
+                yield pending.popleft().result()
         while pending:
-            yield pending[0][0], *pending.popleft()[1].result()
+            yield pending.popleft().result()
     finally:  # an error, Ctrl-C: the tasks not started are dropped
-        for _, future in pending:
-            future.cancel()
-
-
-# -----------------------------------------------------------------------------------------------
-# Shards, written whole or not at all by the workers, then recorded in the manifest in order
-
-
-def position(tokens: np.ndarray, doc: int, k: int) -> list[int]:
-    """[document, token offset] of tokens[k] (k past the end: the next document); each 50256 opens one."""
-    starts = np.flatnonzero(tokens[: k + 1] == EOT)
-    return [doc + len(starts), 0] if k == len(tokens) else [doc + len(starts) - 1, k - int(starts[-1])]
+        [future.cancel() for future in pending]
 
 
 def write_shard(out_dir: str, index: int, pieces: list, start, end, known: dict | None) -> dict:
-    """In a worker: shard `index`, made of pieces (tokens file, first, end), saved whole as .<name>.whole (the
-    main process renames it as it records it); returns its manifest entry. A repaired shard that comes out
-    other than `known` is not saved."""
+    """In a worker: shard `index` of pieces (tokens file, first, end) saved whole as .<name>.whole, unless a
+    repaired one comes out other than `known`; returns its manifest entry. The main process renames it."""
     tokens = np.concatenate([np.memmap(part, np.uint16, mode="r")[a:b] for part, a, b in pieces])
-    name = shard_name(PREFIX, index)
-    entry = {"file": name, "split": "val" if index == 0 else "train", "tokens": len(tokens),
-             "documents": int(np.count_nonzero(tokens == EOT)), "start": start, "end": end}
+    split = "val" if index == 0 else "train"  # shard 0: the val shard
+    name = f"{PREFIX}_{split}_{index:06d}.npy"
+    entry = {"file": name, "split": split, "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT)),
+             "start": start, "end": end}
 
     def write(f):
         np.save(f.raw, tokens, allow_pickle=False)  # f.raw: numpy writes the array itself, no copy
@@ -215,7 +182,6 @@ def write_shard(out_dir: str, index: int, pieces: list, start, end, known: dict 
         entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
         if known and entry != known:  # before the rename: the shard on disk stays as it was
             raise UserError(f"{name} comes out other than {MANIFEST} says: the source changed")
-
     os.makedirs(out_dir, exist_ok=True)  # with the first shard: a failed run leaves no folder
     atomic_write(os.path.join(out_dir, f".{name}.whole"), write)
     return entry
@@ -224,24 +190,24 @@ def write_shard(out_dir: str, index: int, pieces: list, start, end, known: dict 
 def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, start, budget, bar):
     """Shards from number `index` and position `start` on, until `budget` tokens or the end of the data (a
     full shard waits for one more token); returns the tokens taken, whether data ran out."""
-    (executor, folder), shards, writing = pool, manifest["shards"], collections.deque()
-    pieces, used_up, fill, new = [], [], 0, 0  # the shard being filled: its pieces, tokens files it finishes
-    first_doc, first_offset = start
+    (executor, folder), shards, writing, new = pool, manifest["shards"], collections.deque(), 0
+    (first_doc, first_offset), pieces, used_up, fill = start, [], [], 0  # pieces of the shard being filled
 
-    def shard_to_worker(stop):
-        nonlocal index, start, pieces, used_up, fill
-        known = shards[index] if index < len(shards) else None
-        writing.append((executor.submit(write_shard, cfg.out_dir, index, pieces, start, stop, known), used_up))
-        index, start, pieces, used_up, fill = index + 1, stop, [], [], 0
+    def to_worker(part, doc, k, n):  # the shard being filled, ending before token k of `part`, to a worker
+        starts = np.flatnonzero(np.fromfile(part, np.uint16)[: k + 1] == EOT)  # each 50256 opens a document
+        stop = [doc + len(starts), 0] if k == n else [doc + len(starts) - 1, k - int(starts[-1])]  # [doc, offset]
+        writing.append((executor.submit(write_shard, cfg.out_dir, index, pieces, start, stop,
+                                        shards[index] if index < len(shards) else None), used_up))
+        record(keep=1)  # the shard before it
+        return index + 1, stop, [], [], 0  # the next shard's
 
-    def record(wait: bool):  # written shards, in order, take their names and enter the manifest
-        while writing and (wait or writing[0][0].done()):
-            name = (entry := writing[0][0].result())["file"]  # a failed write stays first: none after it
+    def record(keep: int):  # written shards but the newest `keep`, in order, take their names and enter the manifest
+        while len(writing) > keep:
+            name, parts = (entry := writing[0][0].result())["file"], writing.popleft()[1]  # failed: stays first
             os.replace(os.path.join(cfg.out_dir, f".{name}.whole"), os.path.join(cfg.out_dir, name))
-            if entry not in shards:  # else a repaired shard
-                shards.append(entry)
+            shards.extend([] if entry in shards else [entry])  # a repaired shard is there already
             save_manifest(cfg.out_dir, manifest)  # also makes the rename durable
-            for part in writing.popleft()[1]:  # tokens files no shard needs any more
+            for part in parts:  # tokens files no shard needs any more
                 os.remove(part)
 
     try:  # an error, Ctrl-C: the shards before it are kept
@@ -254,21 +220,20 @@ def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, st
             new += end - k
             while k < end:
                 if fill == cfg.shard_size:
-                    shard_to_worker(position(np.fromfile(part, np.uint16), doc, k))
+                    index, start, pieces, used_up, fill = to_worker(part, doc, k, n)
                 take = min(end - k, cfg.shard_size - fill)
                 pieces.append((part, k, k + take))
-                used_up += [part] if k + take == n else []
+                used_up += [part] if k + take == n else []  # the tokens files this shard finishes
                 fill, k = fill + take, k + take
-            record(wait=False)
             if budget is not None and new >= budget:
                 break
         if index == 0 and not shards:  # a val shard and nothing to train on
             raise UserError(f"--dataset {cfg.dataset} gives {new:,} tokens (all, or --max-tokens): too few for "
                             f"a val and a train shard of --shard-size {cfg.shard_size:,}")
         if fill:
-            shard_to_worker(position(np.fromfile(part, np.uint16), doc, end))
+            to_worker(part, doc, end, n)
     finally:
-        record(wait=True)
+        record(keep=0)
     return new, budget is None or new < budget
 
 
@@ -313,9 +278,9 @@ def open_out_dir(cfg: "BuildConfig") -> dict:
                    for k in sorted(settings.keys() & was.keys()) if settings[k] != was[k]]:
         raise UserError(f"{out} holds shards built with other settings ({'; '.join(changed)}); "
                         "rerun with the same settings to resume, or choose another --out-dir")
-    listed = {s["file"] for s in manifest["shards"]}  # temporary files, a shard not listed yet:
-    for name in names:
-        if name[:1] == "." and name.lstrip(".").startswith((f"{PREFIX}_", f"{MANIFEST}.")) or name in ours and name not in listed:
+    for name in names:  # temporary files, a shard not listed yet
+        if name.startswith((f".{PREFIX}_", f".{MANIFEST}.")) or name in ours and name not in [
+                s["file"] for s in manifest["shards"]]:
             os.remove(os.path.join(out, name))
     return {**manifest, "settings": settings}
 
@@ -323,42 +288,39 @@ def open_out_dir(cfg: "BuildConfig") -> dict:
 def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
     """Build, or repair and continue, `cfg`'s shards: shards, tokens, documents, finished; new_tokens, seconds."""
     files, out = local_files(cfg.dataset), cfg.out_dir
-    workers = available_cpus() if cfg.workers is None else cfg.workers
     cfg = dataclasses.replace(  # as the manifest records it
         cfg, dataset=os.path.abspath(os.path.expanduser(cfg.dataset)) if files else cfg.dataset,
-        name=cfg.name or (DEFAULT_NAME if cfg.dataset == DEFAULT_DATASET else None), workers=workers)
+        name=cfg.name or (DEFAULT_NAME if cfg.dataset == DEFAULT_DATASET else None),
+        workers=available_cpus() if cfg.workers is None else cfg.workers)
     gpt2_tokenizer()  # before forking: the workers share its tables, not build their own
     parquet_file.cache_clear()  # files of an earlier build() in this process may have changed since
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
     with tempfile.TemporaryDirectory(prefix="fineweb-") as folder, (  # --workers 0: a thread here
-            concurrent.futures.ProcessPoolExecutor(workers, initializer=quiet_worker) if workers
+            concurrent.futures.ProcessPoolExecutor(cfg.workers, initializer=quiet_worker) if cfg.workers
             else concurrent.futures.ThreadPoolExecutor(1)) as executor:
         executor.submit(int)  # forks the workers now, before `datasets` or tqdm start threads here
-        pool = executor, folder
-        manifest = open_out_dir(cfg)
-        shards = manifest["shards"]
+        shards = (manifest := open_out_dir(cfg))["shards"]
         t0, new_tokens = time.perf_counter(), 0
         if shards and not manifest["finished"] and shards[-1]["tokens"] < cfg.shard_size:
             os.remove(os.path.join(out, shards.pop()["file"]))  # cut by --max-tokens: rewritten
             save_manifest(out, manifest)
-        bad = [i for i, shard in enumerate(shards) if shard_problem(out, shard)]
-        for first in (i for i in bad if i - 1 not in bad):  # each run of bad shards: in one pass
-            run = shards[first : next(i for i in itertools.count(first) if i + 1 not in bad) + 1]
-            log(f"{PROG}: rewriting {', '.join(s['file'] for s in run)} (missing or corrupt)")
-            with bar(total=sum(s["tokens"] for s in run), desc="repair") as b:
-                write_shards(files, pool, cfg, manifest, first, run[0]["start"], b.total, b)
+        for i, shard in enumerate(shards):
+            if problem := shard_problem(out, shard):
+                log(f"{PROG}: rewriting {shard['file']} ({problem})")
+                with bar(total=shard["tokens"], desc="repair") as b:
+                    write_shards(files, (executor, folder), cfg, manifest, i, shard["start"], shard["tokens"], b)
         done = sum(s["tokens"] for s in shards)
         if manifest["finished"] or (cfg.max_tokens is not None and done >= cfg.max_tokens):
             log(f"{PROG}: {out} holds {len(shards)} shards, {done:,} tokens; nothing more to do")
         else:
-            log(f"{PROG}: {cfg.dataset} -> {out}/, shards of {cfg.shard_size:,} tokens, {workers} workers"
+            log(f"{PROG}: {cfg.dataset} -> {out}/, shards of {cfg.shard_size:,} tokens, {cfg.workers} workers"
                 + (f"; resuming after {len(shards)} shards ({done:,} tokens)" if shards else ""))
             with bar(total=cfg.max_tokens, desc=PROG, initial=done) as b:
                 budget = None if cfg.max_tokens is None else cfg.max_tokens - done
                 start = shards[-1]["end"] if shards else [0, 0]
-                new_tokens, manifest["finished"] = write_shards(files, pool, cfg, manifest, len(shards),
-                                                                start, budget, b)
+                new_tokens, manifest["finished"] = write_shards(files, (executor, folder), cfg, manifest,
+                                                                len(shards), start, budget, b)
             save_manifest(out, manifest)
     seconds, (last_doc, offset) = time.perf_counter() - t0, shards[-1]["end"]
     summary = {"shards": len(shards), "tokens": done + new_tokens, "documents": last_doc + (offset > 0),
@@ -453,10 +415,8 @@ def add_flags(parser: argparse.ArgumentParser, settings, note=lambda f: ""):
     """A --flag-name per flag() field of the dataclass `settings`, booleans as --x/--no-x; defaults
     are None, so that parse_args tells the flags given; --help shows each default, note(field)."""
     for f in (f for f in dataclasses.fields(settings) if "help" in f.metadata):
-        if isinstance(f.default, bool) or f.metadata["type"] is bool:
-            kind = {"action": argparse.BooleanOptionalAction}
-        else:
-            kind = {"type": f.metadata["type"] or str, "choices": f.metadata["choices"]}
+        kind = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool) or f.metadata["type"] is bool
+                else {"type": f.metadata["type"] or str, "choices": f.metadata["choices"]})
         help = f"{f.metadata['help']} (default: {f.default!r}{note(f)})".replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=help, **kind)
 
@@ -517,15 +477,11 @@ def tokenize_batch(texts) -> np.ndarray:
 SHARD_RE = re.compile(r"(?P<prefix>.+)_(?P<split>val|train)_(?P<index>\d{6})\.npy\Z")
 
 
-def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.npy"  # shard 0: the val shard
-
-
 def atomic_write(path: str, write):
     """write(f) into a new temporary file beside `path`, flushed to disk, then renamed over `path`:
     a crash leaves the old file or the new; an exception deletes the temp file. Returns write(f)."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
+    tmp = os.path.join(folder, f".{os.path.basename(path).lstrip('.')}.{os.urandom(6).hex()}.tmp")
     try:
         with open(tmp, "x+b") as f:  # a new file, with the umask's permissions (not mkstemp's 0600)
             result = write(f)
@@ -543,14 +499,6 @@ def atomic_write(path: str, write):
         finally:
             os.close(dir_fd)
     return result
-
-
-def download(url: str, path: str):
-    """Fetch `url` to `path` by atomic_write (a cut download never looks done); raises OSError."""
-    import urllib.request  # its URLError is an OSError
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with urllib.request.urlopen(url, timeout=60) as response:
-        atomic_write(path, lambda f: shutil.copyfileobj(response, f))
 
 
 # the build's settings, after the flag() and number() that make them its flags

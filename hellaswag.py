@@ -20,15 +20,16 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sys
 import time
+import urllib.request
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from fineweb import OneLineParser, UserError, atomic_write, gpt2_tokenizer, number
-from fineweb import download as download_file
 
 # -----------------------------------------------------------------------------------------------
 # Data
@@ -53,8 +54,10 @@ def download(split: str = "val", fix: str = "pass --data FILE with a local copy"
         return path
     url = HELLASWAG_URL.format(split=split)
     print(f"downloading {url} -> {path}", file=sys.stderr)
-    try:
-        download_file(url, path)  # into a temporary file, renamed when complete
+    try:  # into a temporary file, renamed when complete
+        os.makedirs(folder, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response:  # its URLError is an OSError
+            atomic_write(path, lambda f: shutil.copyfileobj(response, f))
     except OSError as e:
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot download {url} ({reason}); without network, {fix}") from None

@@ -9,9 +9,10 @@ It builds a local corpus of real text (Tiny Shakespeare paragraphs, and every He
 followed by each of its endings, as documents, repeated up to --corpus-mb) in a parquet file, then
 times on the same documents:
   (a) fineweb:  fineweb.build() itself on the parquet file: the main process hands out its row
-                groups to --workers processes that read and tokenize them; it writes .npy shards,
-                checksums and the manifest to a temporary folder. Its CPU-seconds, the main
-                process's and the workers', say how many workers one main process can feed
+                groups to --workers processes that read and tokenize them and write the .npy
+                shards (in a temporary folder); it renames them and writes the manifest. Its
+                CPU-seconds, the main process's and the workers', say how many workers one main
+                process can feed
   (b) simple:   the approach of the original build-nanogpt script: a Pool of cpu_count()//2
                 processes, pool.imap(tokenize, docs, chunksize=16), one uint16 array per document
                 (made from a Python list with 50256 in front), copied into a shard buffer, np.save
@@ -178,10 +179,10 @@ def run_simple(corpus: str, out_dir: str, shard_size: int) -> tuple[int, float]:
                 fill += take
                 tokens = tokens[take:]
                 if fill == shard_size:
-                    np.save(os.path.join(out_dir, fineweb.shard_name("simple", index)), buffer)
+                    np.save(os.path.join(out_dir, f"simple_{index:06d}.npy"), buffer)
                     index, fill = index + 1, 0
         if fill:
-            np.save(os.path.join(out_dir, fineweb.shard_name("simple", index)), buffer[:fill])
+            np.save(os.path.join(out_dir, f"simple_{index:06d}.npy"), buffer[:fill])
         return total, time.perf_counter() - t0
 
 
