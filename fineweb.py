@@ -117,7 +117,7 @@ def tasks(cfg: "BuildConfig", files: list[str] | None, start: int):
             per_task = max(1, TASK_BYTES * n // max(1, sum(meta.row_group(i).total_byte_size for i in range(n))))
             docs = list(itertools.accumulate((meta.row_group(i).num_rows for i in range(n)), initial=doc))
             for i in range(0, n, per_task):  # docs[i]: row group i's first document; those before `start`
-                if docs[min(i + per_task, n)] > start:  # are not read
+                if docs[min(i + per_task, n)] > max(docs[i], start):  # are not read, nor empty tasks made
                     yield max(docs[i], start), (path, list(range(i, min(i + per_task, n))), max(start - docs[i], 0))
             doc = docs[-1]
         source = None if by == "workers" else open_dataset(cfg, files and list(run))
@@ -149,7 +149,7 @@ def tokenize_task(doc: int, task, column: str, label: str, folder: str) -> tuple
     if task.null_count:
         i = doc + task.is_null().to_pylist().index(True)
         raise UserError(f"{label}: document {i:,} (counting from 0) has no text (null in {column!r})")
-    (tokens := tokenize_batch(task)).tofile(path := os.path.join(folder, f"{doc}.tokens"))
+    (tokens := tokenize_batch(task)).tofile(path := os.path.join(folder, f"{doc}.{os.urandom(6).hex()}.tokens"))
     return doc, path, len(tokens)
 
 
@@ -203,37 +203,36 @@ def write_shards(files, pool, cfg: "BuildConfig", manifest: dict, index: int, st
 
     def record(keep: int):  # written shards but the newest `keep`, in order, take their names and enter the manifest
         while len(writing) > keep:
-            name, parts = (entry := writing[0][0].result())["file"], writing.popleft()[1]  # failed: stays first
+            future, parts = writing.popleft()
+            name = (entry := future.result())["file"]  # a failed write raises: nothing after it is recorded
             os.replace(os.path.join(cfg.out_dir, f".{name}.whole"), os.path.join(cfg.out_dir, name))
             shards.extend([] if entry in shards else [entry])  # a repaired shard is there already
             save_manifest(cfg.out_dir, manifest)  # also makes the rename durable
             for part in parts:  # tokens files no shard needs any more
                 os.remove(part)
 
-    try:  # an error, Ctrl-C: the shards before it are kept
-        for doc, part, n in tokenized(executor, folder, cfg, files, first_doc):
-            k = first_offset if doc == first_doc else 0  # the first token to take
-            if k and (k >= n or np.fromfile(part, np.uint16)[k] == EOT):
-                raise UserError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed")
-            end = n if budget is None else min(n, k + budget - new)
-            bar.update(end - k)
-            new += end - k
-            while k < end:
-                if fill == cfg.shard_size:
-                    index, start, pieces, used_up, fill = to_worker(part, doc, k, n)
-                take = min(end - k, cfg.shard_size - fill)
-                pieces.append((part, k, k + take))
-                used_up += [part] if k + take == n else []  # the tokens files this shard finishes
-                fill, k = fill + take, k + take
-            if budget is not None and new >= budget:
-                break
-        if index == 0 and not shards:  # a val shard and nothing to train on
-            raise UserError(f"--dataset {cfg.dataset} gives {new:,} tokens (all, or --max-tokens): too few for "
-                            f"a val and a train shard of --shard-size {cfg.shard_size:,}")
-        if fill:
-            to_worker(part, doc, end, n)
-    finally:
-        record(keep=0)
+    for doc, part, n in tokenized(executor, folder, cfg, files, first_doc):
+        k = first_offset if doc == first_doc else 0  # the first token to take
+        if k and (k >= n or np.fromfile(part, np.uint16)[k] == EOT):
+            raise UserError(f"document {doc:,} is shorter than {MANIFEST} says: the source changed")
+        end = n if budget is None else min(n, k + budget - new)
+        bar.update(end - k)
+        new += end - k
+        while k < end:
+            if fill == cfg.shard_size:
+                index, start, pieces, used_up, fill = to_worker(part, doc, k, n)
+            take = min(end - k, cfg.shard_size - fill)
+            pieces.append((part, k, k + take))
+            used_up += [part] if k + take == n else []  # the tokens files this shard finishes
+            fill, k = fill + take, k + take
+        if budget is not None and new >= budget:
+            break
+    if index == 0 and not shards:  # a val shard and nothing to train on
+        raise UserError(f"--dataset {cfg.dataset} gives {new:,} tokens (all, or --max-tokens): too few for "
+                        f"a val and a train shard of --shard-size {cfg.shard_size:,}")
+    if fill:
+        to_worker(part, doc, end, n)
+    record(keep=0)  # an error, Ctrl-C before here: the shards recorded so far are kept
     return new, budget is None or new < budget
 
 
@@ -296,9 +295,9 @@ def build(cfg: "BuildConfig", progress: bool = True, log=print) -> dict:
     parquet_file.cache_clear()  # files of an earlier build() in this process may have changed since
     bar = functools.partial(tqdm, unit="tok", unit_scale=True, dynamic_ncols=True, disable=not progress,
                             mininterval=0.1 if sys.stderr.isatty() else 30)  # in a log: every 30 s
-    with tempfile.TemporaryDirectory(prefix="fineweb-") as folder, (  # --workers 0: a thread here
+    with tempfile.TemporaryDirectory(prefix="fineweb-", ignore_cleanup_errors=True) as folder, (
             concurrent.futures.ProcessPoolExecutor(cfg.workers, initializer=quiet_worker) if cfg.workers
-            else concurrent.futures.ThreadPoolExecutor(1)) as executor:
+            else concurrent.futures.ThreadPoolExecutor(1)) as executor:  # --workers 0: a thread here
         executor.submit(int)  # forks the workers now, before `datasets` or tqdm start threads here
         shards = (manifest := open_out_dir(cfg))["shards"]
         t0, new_tokens = time.perf_counter(), 0
@@ -362,7 +361,7 @@ def main(argv=None):
         if verify_only:
             sys.exit(1 if verify(cfg.out_dir) else 0)
         build(cfg)
-    except (UserError, OSError) as e:  # OSError: a folder or file we cannot write, a full disk
+    except (UserError, OSError, concurrent.futures.BrokenExecutor) as e:  # a full disk, a killed worker
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

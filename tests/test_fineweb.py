@@ -290,6 +290,21 @@ def test_ctrl_c_leaves_no_partial_files_and_resumes(parquet_corpus, expected, tm
     assert_built(tmp_path, expected)
 
 
+def test_a_killed_worker_is_a_one_line_error_and_the_build_resumes(parquet_corpus, expected, tmp_path):
+    """A worker killed from outside (the kernel's OOM killer, say): one line, exit 2, the shards before it kept."""
+    import psutil
+    proc = start_slow_cli("--dataset", parquet_corpus, "--out-dir", tmp_path, "--shard-size", SHARD, "--workers", 2,
+                          delay=0.25)
+    wait_for_shards(proc, tmp_path, 1)
+    psutil.Process(proc.pid).children()[0].kill()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in err, (out, err)
+    last = err.strip().splitlines()[-1]  # before it: the progress bar
+    assert last.startswith("fineweb.py: error: A ") and "terminated abruptly" in last, err
+    build(parquet_corpus, tmp_path, workers=2)
+    assert_built(tmp_path, expected)
+
+
 def test_other_settings_in_the_same_folder_are_an_error(parquet_corpus, built, tmp_path, capsys):
     folder = tmp_path / "out"
     build(parquet_corpus, folder, max_tokens=SHARD + 1)
@@ -579,7 +594,7 @@ def test_refuses_output_the_trainer_cannot_use(documents, small_jsonl, tmp_path,
 
 
 # -----------------------------------------------------------------------------------------------
-# Shared helpers: atomic_write, shard names, download
+# Shared helpers: atomic_write, shard names
 
 
 def test_atomic_write_permissions_result_and_cleanup(tmp_path):
